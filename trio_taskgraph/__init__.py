@@ -1,0 +1,108 @@
+"""
+trio_taskgraph: structured-concurrency task graphs on Trio.
+
+Tasks stream byte chunks through channels bounded by a byte budget; cancellation anywhere
+releases every parked producer and unlinks every temp blob; large binary results live in a
+cache and travel as small branded refs.
+
+Everything public is re-exported here; the modules behind it are private.
+"""
+
+from ._core._constants import (
+    DEFAULT_HIGH_WATER_BYTES as DEFAULT_HIGH_WATER_BYTES,
+    DEFAULT_REFERENCE_THRESHOLD_BYTES as DEFAULT_REFERENCE_THRESHOLD_BYTES,
+)
+from ._core._events import (
+    BinaryDelta as BinaryDelta,
+    Blob as Blob,
+    Finish as Finish,
+    ObjectDelta as ObjectDelta,
+    Phase as Phase,
+    Snapshot as Snapshot,
+    StreamError as StreamError,
+    StreamEvent as StreamEvent,
+    TextDelta as TextDelta,
+)
+from ._core._ports import (
+    PortSpec as PortSpec,
+    assert_binary_format as assert_binary_format,
+    get_binary_port_id as get_binary_port_id,
+    get_output_stream_mode as get_output_stream_mode,
+    get_port_stream_mode as get_port_stream_mode,
+    get_streaming_ports as get_streaming_ports,
+    materialize_binary as materialize_binary,
+    parse_ports as parse_ports,
+)
+from ._core._refs import (
+    CacheRef as CacheRef,
+    is_cache_ref as is_cache_ref,
+    make_cache_ref as make_cache_ref,
+)
+from ._errors import (
+    BinaryFormatError as BinaryFormatError,
+    CacheServerError as CacheServerError,
+    DanglingRefError as DanglingRefError,
+    ForeignRefError as ForeignRefError,
+    PortSchemaError as PortSchemaError,
+    RefError as RefError,
+    RepositoryError as RepositoryError,
+    TaskFailedError as TaskFailedError,
+    TaskGraphError as TaskGraphError,
+    TaskGraphInternalError as TaskGraphInternalError,
+    WireFormatError as WireFormatError,
+)
+from ._version import __version__ as __version__
+
+__all__ = [
+    # errors
+    "TaskGraphError",
+    "TaskGraphInternalError",
+    "PortSchemaError",
+    "BinaryFormatError",
+    "RefError",
+    "DanglingRefError",
+    "ForeignRefError",
+    "WireFormatError",
+    "RepositoryError",
+    "CacheServerError",
+    "TaskFailedError",
+    # events and ports
+    "TextDelta",
+    "ObjectDelta",
+    "Snapshot",
+    "BinaryDelta",
+    "Finish",
+    "StreamError",
+    "Phase",
+    "StreamEvent",
+    "Blob",
+    "PortSpec",
+    "assert_binary_format",
+    "get_binary_port_id",
+    "get_output_stream_mode",
+    "get_port_stream_mode",
+    "get_streaming_ports",
+    "materialize_binary",
+    "parse_ports",
+    "DEFAULT_HIGH_WATER_BYTES",
+    "DEFAULT_REFERENCE_THRESHOLD_BYTES",
+    # refs
+    "CacheRef",
+    "make_cache_ref",
+    "is_cache_ref",
+]
+
+
+def _fixup_module_metadata() -> None:
+    # As trio does: tracebacks, reprs and pickles show the public name, not `_core._events`.
+    # Pickling still works because every name is importable from here.
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("trio_taskgraph._") and hasattr(
+            obj, "__qualname__"
+        ):
+            obj.__module__ = __name__
+
+
+_fixup_module_metadata()
+del _fixup_module_metadata

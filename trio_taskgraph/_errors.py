@@ -1,0 +1,126 @@
+"""
+The exception hierarchy: one root, one family per kind of failure.
+
+Every error the library raises on purpose derives from `TaskGraphError`. Families mix in the
+builtin that already says what kind of mistake it is (`ValueError` for bad schemas and bad
+frames), so code written against the builtins keeps working. Where a trio resource exception
+already says it (`trio.BrokenResourceError`, `trio.ClosedResourceError`, `trio.WouldBlock`,
+`trio.EndOfChannel`), the byte channels raise those instead, exactly like trio's own channels.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TaskGraphError",
+    "TaskGraphInternalError",
+    "PortSchemaError",
+    "BinaryFormatError",
+    "RefError",
+    "DanglingRefError",
+    "ForeignRefError",
+    "WireFormatError",
+    "RepositoryError",
+    "CacheServerError",
+    "TaskFailedError",
+]
+
+
+class TaskGraphError(Exception):
+    """
+    Root of every error trio_taskgraph raises on purpose.
+
+    Catch this to catch any of the library's own failures; anything else that escapes the
+    library (other than trio's resource exceptions and ``Cancelled``) is a bug.
+    """
+
+
+class TaskGraphInternalError(TaskGraphError):
+    """
+    An internal invariant was broken: this is a bug in trio_taskgraph, please report it.
+    """
+
+
+class PortSchemaError(TaskGraphError, ValueError):
+    """
+    A task's port schema breaks a rule.
+
+    Raised when a task registers (an unknown ``x-stream`` value, a port that is not an object
+    schema) and when a graph is wired (a missing port, a cycle, a stream-mode mismatch). The
+    message names the port.
+    """
+
+
+class BinaryFormatError(PortSchemaError):
+    """
+    A binary port (``"x-stream": "binary"``) declares a ``format`` other than ``"blob"`` or
+    ``"binary"``.
+
+    Never a silent coercion: ``"Blob"`` (a casing typo) is as wrong as ``"base64"``. The
+    message names the port and lists the allowed values.
+    """
+
+
+class RefError(TaskGraphError):
+    """
+    A `CacheRef` could not be used: see `DanglingRefError` and `ForeignRefError`.
+    """
+
+
+class DanglingRefError(RefError):
+    """
+    A well-formed ref, issued by this repository, whose blob is gone (pruned or deleted).
+    """
+
+
+class ForeignRefError(RefError):
+    """
+    A ref this repository did not issue or may not serve: another repository or namespace,
+    a bad tag, a path separator, ``..``, NUL or any shape it never hands out.
+
+    Raised before any file is touched.
+    """
+
+
+class WireFormatError(TaskGraphError, ValueError):
+    """
+    A msgpack frame breaks a wire rule: too large, too deep, too long a container or string,
+    an unknown ext type, a malformed ref or blob payload, a truncated frame.
+
+    The message names the rule. A decoder that raised it refuses further input.
+    """
+
+
+class RepositoryError(TaskGraphError):
+    """
+    An output repository failed to store or read (I/O error, corrupt row, closed repository).
+    """
+
+
+class CacheServerError(RepositoryError):
+    """
+    The cache server died, refused the connection, broke the protocol, or answered an error.
+    """
+
+
+class TaskFailedError(TaskGraphError):
+    """
+    A task raised while running in a graph or a job.
+
+    ``task_type`` and ``node_id`` name the task; the task's own exception is chained as
+    ``__cause__``.
+    """
+
+    task_type: str
+    node_id: str
+
+    def __init__(self, task_type: str, node_id: str, message: str | None = None) -> None:
+        self.task_type = task_type
+        self.node_id = node_id
+        text = f"task {task_type!r} (node {node_id!r}) failed"
+        if message:
+            text = f"{text}: {message}"
+        super().__init__(text)
+        self._message = message
+
+    def __reduce__(self) -> tuple[type[TaskFailedError], tuple[str, str, str | None]]:
+        return (type(self), (self.task_type, self.node_id, self._message))
