@@ -673,3 +673,34 @@ async def test_consumer_closing_only_on_success_is_found() -> None:
         await cancel_at_each_checkpoint(scenario, check=check)
     assert info.value.kinds == ("check",)
     assert "receive channel left open" in str(info.value)
+
+
+async def test_nondeterministic_scenario_reports_unreached_points() -> None:
+    """S7-1: a scenario that takes fewer steps than its baseline lists the points it missed."""
+    runs: list[int] = []
+
+    async def scenario() -> None:
+        runs.append(1)
+        for _ in range(3 if len(runs) == 1 else 1):  # only the baseline takes 3 checkpoints
+            await trio.lowlevel.checkpoint()
+
+    report = await cancel_at_each_checkpoint(scenario, check=lambda: None)
+    assert report.steps == 4
+    assert report.points == (0, 1, 2, 3)
+    # Later runs take 2 steps: point 3 (right after a third step) never comes.
+    assert report.unreached == (3,)
+
+
+async def test_nondeterministic_scenario_reports_drifted_points() -> None:
+    """S7-1: a point whose step another task takes than in the baseline is reported."""
+    runs: list[int] = []
+
+    async def scenario() -> None:
+        runs.append(1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.lowlevel.checkpoint, name=f"child-of-run-{len(runs)}")
+
+    report = await cancel_at_each_checkpoint(scenario, check=lambda: None)
+    assert report.unreached == ()
+    child_steps = [k for k in report.points if k in report.drifted]
+    assert child_steps, report
