@@ -704,3 +704,73 @@ async def test_nondeterministic_scenario_reports_drifted_points() -> None:
     assert report.unreached == ()
     child_steps = [k for k in report.points if k in report.drifted]
     assert child_steps, report
+
+
+async def test_pytest_fail_in_check_and_scenario_is_a_finding() -> None:
+    """S7-2, S7-6: pytest's BaseException outcomes are findings too, with their point."""
+
+    def failing_check() -> None:
+        pytest.fail("invariant broken")
+
+    with pytest.raises(CancellationLeak, match="invariant broken") as info:
+        await cancel_at_each_checkpoint(trio.lowlevel.checkpoint, check=failing_check)
+    assert info.value.kinds == ("check",)
+
+    async def scenario() -> None:
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled:
+            pytest.fail("cleanup path failed")
+
+    with pytest.raises(CancellationLeak, match="cleanup path failed") as info:
+        await cancel_at_each_checkpoint(scenario, check=lambda: None)
+    assert info.value.kinds == ("raised",)
+
+
+def test_caller_cancellation_passes_through_groups() -> None:
+    """S7-7: a Cancelled inside a group is the caller's and is never turned into a finding."""
+    from trio_taskgraph.testing._torture import _must_propagate
+
+    assert _must_propagate(KeyboardInterrupt())
+    assert not _must_propagate(ValueError())
+    assert not _must_propagate(ExceptionGroup("g", [ValueError()]))
+    assert _must_propagate(BaseExceptionGroup("g", [ValueError(), KeyboardInterrupt()]))
+    nested = BaseExceptionGroup("g", [ExceptionGroup("h", [ValueError()]), SystemExit()])
+    assert _must_propagate(nested)
+
+
+# --- the README's "Test your own cancellation" example ---------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SHIELDED_CLEANUP = (
+    "        with trio.CancelScope(shield=True):\n            await tmp.unlink(missing_ok=True)\n"
+)
+
+
+def readme_example() -> str:
+    section = README.read_text().split("## Test your own cancellation", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def _run_readme_test(code: str, folder: Path) -> None:
+    namespace: dict[str, object] = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    test = namespace["test_upload_cancels_cleanly"]
+    assert callable(test)
+    await trio.Path(folder).mkdir()
+    await test(folder)
+
+
+async def test_readme_example_passes(tmp_path: Path) -> None:
+    """S7-6: the README's example is correct at every point the suite asks for."""
+    await _run_readme_test(readme_example(), tmp_path / "fixed")
+
+
+async def test_readme_example_first_draft_is_caught(tmp_path: Path) -> None:
+    """S7-6: without the shield, the cleanup's own await raises Cancelled and the file stays."""
+    code = readme_example()
+    assert SHIELDED_CLEANUP in code
+    draft = code.replace(SHIELDED_CLEANUP, "        await tmp.unlink(missing_ok=True)\n")
+    with pytest.raises(CancellationLeak, match="temp file left behind") as info:
+        await _run_readme_test(draft, tmp_path / "draft")
+    assert info.value.kinds == ("check",)

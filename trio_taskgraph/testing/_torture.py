@@ -259,7 +259,7 @@ class _RunState:
     cancelling: bool = False
     woken_by_cancel: list[str] = attrs.Factory(list)
     unresponsive: bool = False
-    error: Exception | None = None
+    error: BaseException | None = None
     leaked: list[str] = attrs.Factory(list)
 
     def cancel(self, task: trio.lowlevel.Task | None) -> None:
@@ -279,6 +279,18 @@ class _RunState:
 _SCENARIO: contextvars.ContextVar[_RunState | None] = contextvars.ContextVar(
     "trio_taskgraph_torture_scenario", default=None
 )
+
+
+def _must_propagate(exc: BaseException) -> bool:
+    """The caller's cancellation and interpreter exits pass through; everything else is data."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(_passes_through) is not None
+    return _passes_through(exc)
+
+
+def _passes_through(exc: BaseException) -> bool:
+    # A leaf test (False for groups, so that `subgroup` looks inside them).
+    return isinstance(exc, trio.Cancelled | KeyboardInterrupt | SystemExit | GeneratorExit)
 
 
 def _current_task_or_none() -> trio.lowlevel.Task | None:
@@ -328,8 +340,11 @@ async def _root(scenario: Callable[[], Awaitable[object]], state: _RunState) -> 
     try:
         with state.scope:
             await scenario()
-    except Exception as exc:  # recorded and judged by the harness (S7-2); Cancelled passes
-        state.error = exc
+    except BaseException as exc:
+        # Our own scope has absorbed its Cancelled; a Cancelled still here is the caller's.
+        if _must_propagate(exc):
+            raise
+        state.error = exc  # judged by the harness (S7-2); pytest.fail() outcomes included
     finally:
         state.finish_time = trio.current_time()
         # Invariant (S7-3): every scenario task other than this one must be gone by now.
@@ -408,8 +423,10 @@ async def _call_check(check: Callable[[], object]) -> str | None:
         result = check()
         if inspect.isawaitable(result):
             await result
-    except Exception as exc:  # reported as a finding (S7-6)
-        return f"check() raised {type(exc).__name__}: {exc}"
+    except BaseException as exc:
+        if _must_propagate(exc):
+            raise
+        return f"check() raised {type(exc).__name__}: {exc}"  # a finding (S7-6)
     return None
 
 
