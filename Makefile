@@ -39,4 +39,4 @@ clean:
 # trio_taskgraph.testing.torture_max_points(), which reads TORTURE_MAX_POINTS (0 = all points).
 .PHONY: torture
 torture: $(STAMP)
-	TORTURE_MAX_POINTS=0 HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(BIN)/python -m pytest -q
+	TORTURE_MAX_POINTS=0 HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(BIN)/python -m pytest -q -p tests.torture_tally

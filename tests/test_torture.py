@@ -25,6 +25,7 @@ from trio_taskgraph.testing import (
     cancel_at_random_checkpoints,
     spread_points,
     torture_max_points,
+    torture_statistics,
 )
 from trio_taskgraph.testing._torture import _schedule_random
 
@@ -774,3 +775,18 @@ async def test_readme_example_first_draft_is_caught(tmp_path: Path) -> None:
     with pytest.raises(CancellationLeak, match="temp file left behind") as info:
         await _run_readme_test(draft, tmp_path / "draft")
     assert info.value.kinds == ("check",)
+
+
+async def test_statistics_count_campaigns_points_and_findings() -> None:
+    """The process-wide tally grows by exactly what a campaign did."""
+    before = torture_statistics()
+    scenario = ChannelScenario(0, items=2)
+    report = await cancel_at_each_checkpoint(scenario, check=scenario.check, max_points=3)
+    with pytest.raises(CancellationLeak):
+        await cancel_at_each_checkpoint(trio.lowlevel.checkpoint, check=pytest.fail)
+    after = torture_statistics()
+    assert after.campaigns - before.campaigns == 2
+    assert after.points - before.points == report.points_exercised
+    # checkpoint() alone takes 2 steps: up to its schedule point, then to the end.
+    assert after.baseline_steps - before.baseline_steps == report.steps + 2
+    assert after.findings - before.findings == 1

@@ -13,10 +13,12 @@ from ._torture import (
     TORTURE_MAX_POINTS_ENV as TORTURE_MAX_POINTS_ENV,
     CancellationLeak as CancellationLeak,
     TortureReport as TortureReport,
+    TortureStatistics as TortureStatistics,
     cancel_at_each_checkpoint as cancel_at_each_checkpoint,
     cancel_at_random_checkpoints as cancel_at_random_checkpoints,
     spread_points as spread_points,
     torture_max_points as torture_max_points,
+    torture_statistics as torture_statistics,
 )
 
 __all__ = [
@@ -25,8 +27,10 @@ __all__ = [
     "TORTURE_MAX_POINTS_ENV",
     "CancellationLeak",
     "TortureReport",
+    "TortureStatistics",
     "cancel_at_each_checkpoint",
     "cancel_at_random_checkpoints",
     "spread_points",
     "torture_max_points",
+    "torture_statistics",
 ]

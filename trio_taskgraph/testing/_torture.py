@@ -81,8 +81,10 @@ __all__ = [
     "TortureReport",
     "cancel_at_each_checkpoint",
     "cancel_at_random_checkpoints",
+    "TortureStatistics",
     "spread_points",
     "torture_max_points",
+    "torture_statistics",
 ]
 
 #: The environment variable suites read (through `torture_max_points`) to size campaigns.
@@ -182,6 +184,40 @@ class TortureReport:
     def points_exercised(self) -> int:
         """How many cancelled runs were made (``len(points)``)."""
         return len(self.points)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class TortureStatistics:
+    """
+    What the toolkit has done in this process so far (for campaign figures).
+
+    Attributes:
+        campaigns: calls of `cancel_at_each_checkpoint` / `cancel_at_random_checkpoints`.
+        baseline_steps: scheduler steps counted over all baseline runs.
+        points: cancelled runs made (cancel points exercised).
+        findings: `CancellationLeak` raised (including deliberate ones in self-tests).
+    """
+
+    campaigns: int = 0
+    baseline_steps: int = 0
+    points: int = 0
+    findings: int = 0
+
+
+_tally = TortureStatistics()
+
+
+def torture_statistics() -> TortureStatistics:
+    """The process-wide `TortureStatistics` (``make torture`` prints them at the end)."""
+    return _tally
+
+
+def _count(**increments: int) -> None:
+    global _tally
+    _tally = attrs.evolve(
+        _tally, **{name: getattr(_tally, name) + n for name, n in increments.items()}
+    )
 
 
 def torture_max_points(default: int | None) -> int | None:
@@ -473,6 +509,7 @@ async def _judge(
     if problem is not None:
         findings.append((CHECK, problem))
     if findings:
+        _count(findings=1)
         raise CancellationLeak(
             point=state.cancel_at,
             steps=steps,
@@ -489,9 +526,11 @@ async def _baseline(
     seed: int | None,
     cancel_timeout: float,
 ) -> _RunState:
+    _count(campaigns=1)
     state = await _run_once(
         scenario, cancel_at=None, seed=seed, cancel_timeout=cancel_timeout, record_trace=True
     )
+    _count(baseline_steps=state.steps)
     if state.error is not None:
         # The scenario fails without any cancellation: that is its own bug, shown as is.
         raise state.error
@@ -514,6 +553,7 @@ async def _torture(
     for k in points:
         state = await _run_once(scenario, cancel_at=k, seed=seed, cancel_timeout=cancel_timeout)
         exercised.append(k)
+        _count(points=1)
         if not state.cancelled:
             unreached.append(k)
         elif k >= 1 and (k > len(baseline.trace) or state.cancel_task != baseline.trace[k - 1]):
