@@ -263,7 +263,12 @@ async def test_swallowed_cancellation_is_found(autojump_clock: trio.testing.Mock
 
     with pytest.raises(CancellationLeak) as info:
         await cancel_at_each_checkpoint(scenario, check=lambda: None)
-    assert info.value.point == 1
+    # Point 0: the Cancelled arrives at the first sleep, in the task's own step.
+    assert info.value.point == 0
+    assert info.value.kinds == ("swallowed",)
+    # Point 1: the task is parked in the sleep; the cancel call itself wakes it.
+    with pytest.raises(CancellationLeak) as info:
+        await cancel_at_each_checkpoint(scenario, check=lambda: None, points=[1])
     assert info.value.kinds == ("swallowed",)
 
 
@@ -790,3 +795,39 @@ async def test_statistics_count_campaigns_points_and_findings() -> None:
     # checkpoint() alone takes 2 steps: up to its schedule point, then to the end.
     assert after.baseline_steps - before.baseline_steps == report.steps + 2
     assert after.findings - before.findings == 1
+
+
+async def test_swallowed_at_the_next_checkpoint_is_found() -> None:
+    """
+    S7-4: a Cancelled delivered at the stepping task's own next checkpoint (not by the cancel
+    call) and swallowed is found too (through trio's private ``Task._next_send``, guarded).
+    """
+
+    log: list[str] = []
+
+    async def scenario() -> None:
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled:
+            log.append("cancelled, carrying on")
+
+    with pytest.raises(CancellationLeak) as info:
+        await cancel_at_each_checkpoint(scenario, check=lambda: None, points=[0])
+    assert log == ["cancelled, carrying on"]
+    assert info.value.kinds == ("swallowed",)
+
+
+async def test_shielded_cleanup_with_its_own_timeout_is_not_swallowing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """S7-4: a Cancelled from another scope (a shielded cleanup's own timeout) is not ours."""
+
+    async def scenario() -> None:
+        try:
+            await trio.sleep(1)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                await trio.sleep_forever()  # a flush that gives up after 0.5 s
+
+    report = await cancel_at_each_checkpoint(scenario, check=lambda: None)
+    assert report.points == (0, 1, 2)

@@ -14,8 +14,9 @@ Rules (spec/S7-verification.md):
   toolkit's own cancel scope) or returned normally; any other exception is a finding.
 - S7-3: no scenario task outlives the scenario: every task counted by S7-1 has exited when
   ``scenario()`` returns or raises. A survivor is a leak, in the baseline run as in any other.
-- S7-4: a scenario task that was parked when the cancel arrived and was woken by it received
-  ``Cancelled``; if the scenario then returns normally, someone swallowed it.
+- S7-4: a scenario task that received the toolkit's ``Cancelled`` (woken by the cancel call,
+  or at its own next checkpoint) must let it propagate: if the scenario then returns
+  normally, someone swallowed it.
 - S7-5: a cancelled scenario finishes within ``cancel_timeout`` seconds of trio's clock (a
   shielded wait that ignores the cancel, a cleanup that hangs, are findings).
 - S7-6: the user's ``check()`` holds after the baseline run and after every cancelled run.
@@ -26,9 +27,12 @@ Theory of operation: each run spawns the scenario in a nursery of the caller's t
 `trio.abc.Instrument` installed. The instrument tracks the scenario's tasks (``task_spawned``:
 the new task's ``Task.context`` carries a run-private `contextvars.ContextVar`, or the spawning
 task is tracked), counts their steps (``after_task_step``), and at point ``k`` calls
-``cancel()`` on the scope wrapped around ``scenario()``. Tasks the cancel wakes at once
-(``task_scheduled`` during that call) are recorded for S7-4. A watchdog task gets a deadline
-``cancel_timeout`` after the cancel, for S7-5.
+``cancel()`` on the scope wrapped around ``scenario()`` with a reason string unique to the
+run. For S7-4, ``task_scheduled`` records the scenario tasks rescheduled during that call
+(they were parked: they resume with ``Cancelled``) and, later, those rescheduled with a
+``Cancelled`` carrying that reason (read from trio's private ``Task._next_send``, guarded:
+without it only the first kind is seen). A watchdog task gets a deadline ``cancel_timeout``
+after the cancel, for S7-5.
 
 Reproducibility: the run is deterministic when the scenario is (no real I/O, no real clock:
 use the ``autojump_clock`` fixture), except for trio's scheduler, which shuffles every batch
@@ -47,9 +51,7 @@ environment variable ``TORTURE_MAX_POINTS`` is set: ``0`` (or ``all``) means eve
 positive integer means that many. ``make torture`` runs the suite with
 ``TORTURE_MAX_POINTS=0``.
 
-Limits: a ``Cancelled`` delivered later, at the next checkpoint of a task that was runnable
-when the cancel arrived, and then swallowed, is found only through ``check()``. A scenario
-that never finishes after the cancel (a shielded wait on something that never comes) cannot
+Limits: a scenario that never finishes after the cancel (a shielded wait on something that never comes) cannot
 be stopped from outside: the watchdog writes the finding to stderr (so a hung test shows
 why), and the toolkit raises it if the scenario ever finishes.
 """
@@ -306,9 +308,14 @@ class _RunState:
         self.watchdog.deadline = self.cancel_time + self.cancel_timeout
         self.cancelling = True
         try:
-            self.scope.cancel(reason=f"cancel_at_each_checkpoint: point {self.cancel_at}")
+            self.scope.cancel(reason=self.reason)
         finally:
             self.cancelling = False
+
+    @property
+    def reason(self) -> str:
+        # Unique per run, so that _delivers_our_cancel recognises this run's Cancelled only.
+        return f"cancel_at_each_checkpoint: point {self.cancel_at} (run {id(self):#x})"
 
 
 #: Which run a task belongs to: set in the context the scenario's first task is spawned from.
@@ -327,6 +334,19 @@ def _must_propagate(exc: BaseException) -> bool:
 def _passes_through(exc: BaseException) -> bool:
     # A leaf test (False for groups, so that `subgroup` looks inside them).
     return isinstance(exc, trio.Cancelled | KeyboardInterrupt | SystemExit | GeneratorExit)
+
+
+def _delivers_our_cancel(task: trio.lowlevel.Task, reason: str) -> bool:
+    """
+    Whether ``task`` was just rescheduled to receive a `trio.Cancelled` with our ``reason``.
+
+    Reads ``task._next_send`` (private to trio: the outcome the task resumes with), guarded:
+    on a trio without it this is always False, and S7-4 then covers only the tasks woken by
+    the cancel call itself. The reason string is unique to one run, so a Cancelled from any
+    other scope (a shielded cleanup's own timeout) never matches.
+    """
+    error = getattr(getattr(task, "_next_send", None), "error", None)
+    return isinstance(error, trio.Cancelled) and getattr(error, "reason", None) == reason
 
 
 def _current_task_or_none() -> trio.lowlevel.Task | None:
@@ -356,8 +376,10 @@ class _StepCounter(trio.abc.Instrument):
 
     def task_scheduled(self, task: trio.lowlevel.Task) -> None:
         state = self._state
-        if state.cancelling and task in state.tracked:
-            # Invariant (S7-4): rescheduled by the cancel itself, so it received Cancelled.
+        if not state.cancelled or task not in state.tracked:
+            return
+        if state.cancelling or _delivers_our_cancel(task, state.reason):
+            # Invariant (S7-4): this task is about to receive the toolkit's Cancelled.
             state.woken_by_cancel.append(task.name)
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
@@ -501,8 +523,8 @@ async def _judge(
         findings.append(
             (
                 SWALLOWED,
-                f"tasks {state.woken_by_cancel} were woken with Cancelled, yet the scenario "
-                "returned normally: a Cancelled was caught and not re-raised",
+                f"tasks {sorted(set(state.woken_by_cancel))} received the cancel's Cancelled, "
+                "yet the scenario returned normally: a Cancelled was caught and not re-raised",
             )
         )
     problem = await _call_check(check)
