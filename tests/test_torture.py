@@ -831,3 +831,29 @@ async def test_shielded_cleanup_with_its_own_timeout_is_not_swallowing(
 
     report = await cancel_at_each_checkpoint(scenario, check=lambda: None)
     assert report.points == (0, 1, 2)
+
+
+def test_cancellation_leak_pickles() -> None:
+    """A finding survives pickling (pytest-xdist, multiprocessing) with its fields."""
+    import pickle
+
+    err = CancellationLeak(
+        point=3, steps=9, seed=7, task="consumer", findings=[("check", "check() raised X")]
+    )
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is CancellationLeak
+    assert str(again) == str(err)
+    assert (again.point, again.steps, again.seed, again.task) == (3, 9, 7, "consumer")
+    assert (again.kinds, again.details) == (("check",), ("check() raised X",))
+
+
+async def test_cancel_timeout_can_be_disabled(autojump_clock: trio.testing.MockClock) -> None:
+    """S7-5: ``cancel_timeout=math.inf`` accepts a long shielded wait."""
+    import math
+
+    async def scenario() -> None:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(3600)
+
+    report = await cancel_at_each_checkpoint(scenario, check=lambda: None, cancel_timeout=math.inf)
+    assert report.points == (0, 1)

@@ -103,6 +103,7 @@ SWALLOWED: Final = "swallowed"
 CHECK: Final = "check"
 
 
+@final
 class CancellationLeak(TaskGraphError, AssertionError):
     """
     The torture toolkit found a cancellation bug; the message says how to reproduce it.
@@ -159,6 +160,26 @@ class CancellationLeak(TaskGraphError, AssertionError):
                 f"points=[{point}], seed={seed})"
             )
         super().__init__("\n".join(lines))
+        self._findings = list(findings)
+
+    def __reduce__(
+        self,
+    ) -> tuple[
+        Callable[[int | None, int, int | None, str | None, list[tuple[str, str]]], object],
+        tuple[int | None, int, int | None, str | None, list[tuple[str, str]]],
+    ]:
+        # Keyword-only __init__: pickle through a helper (pytest-xdist, multiprocessing).
+        return (_rebuild_leak, (self.point, self.steps, self.seed, self.task, self._findings))
+
+
+def _rebuild_leak(
+    point: int | None,
+    steps: int,
+    seed: int | None,
+    task: str | None,
+    findings: list[tuple[str, str]],
+) -> CancellationLeak:
+    return CancellationLeak(point=point, steps=steps, seed=seed, task=task, findings=findings)
 
 
 @final
@@ -586,7 +607,7 @@ async def _torture(
         points=tuple(exercised),
         unreached=tuple(unreached),
         drifted=tuple(drifted),
-        seed=seed if _schedule_random() is not None else None,
+        seed=seed,
     )
 
 
@@ -616,7 +637,10 @@ async def cancel_at_each_checkpoint(
             ``torture_max_points(default)`` so ``make torture`` can ask for all of them.
         points: exactly these points instead (e.g. ``[k]`` to reproduce a finding).
         seed: the scheduler seed for every run (``None``: leave trio's scheduler alone).
-        cancel_timeout: seconds of trio's clock a cancelled scenario may take to finish.
+        cancel_timeout: seconds of trio's clock a cancelled scenario may take to finish
+            (``math.inf`` disables the check). Under ``autojump_clock`` the clock jumps
+            while a worker thread runs (``trio.to_thread``, file I/O): there, pass
+            ``math.inf`` or use the real clock.
 
     Returns:
         A `TortureReport`: steps counted and points exercised.
@@ -632,6 +656,8 @@ async def cancel_at_each_checkpoint(
         Cancelling the caller cancels the current run like any nursery; the instrument is
         removed and the scheduler's RNG restored either way.
     """
+    if seed is not None and _schedule_random() is None:  # pragma: no cover - future trio
+        seed = None
     baseline = await _baseline(scenario, check, seed=seed, cancel_timeout=cancel_timeout)
     if points is None:
         chosen = spread_points(baseline.steps, max_points)
@@ -682,7 +708,11 @@ async def cancel_at_random_checkpoints(
 
     if points < 1:
         raise ValueError(f"points must be >= 1, got {points}")
-    seed = data.draw(st.integers(0, 2**32 - 1), label="schedule seed") if perturb_schedule else 0
+    seed: int | None = (
+        data.draw(st.integers(0, 2**32 - 1), label="schedule seed") if perturb_schedule else 0
+    )
+    if _schedule_random() is None:  # pragma: no cover - a future trio: nothing to seed
+        seed = None
     baseline = await _baseline(scenario, check, seed=seed, cancel_timeout=cancel_timeout)
     chosen = [
         data.draw(st.integers(0, baseline.steps - 1), label="cancel point") for _ in range(points)
