@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from trio_taskgraph import TaskGraphError
 from trio_taskgraph.testing import (
@@ -577,12 +577,17 @@ async def test_seed_fixes_and_perturbs_the_schedule() -> None:
     assert len({tuple(order) for order in seen.values()}) > 1
 
 
-@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15)
 @given(data=st.data())
 async def test_random_points_pass_a_correct_scenario(data: st.DataObject) -> None:
     """S7-1, S7-6: the Hypothesis variant draws seed and points; a correct scenario passes."""
     scenario = ChannelScenario(data.draw(st.integers(0, 2), label="buffer"), items=3)
-    report = await cancel_at_random_checkpoints(scenario, check=scenario.check, data=data, points=2)
+    perturb = data.draw(st.booleans(), label="perturb")
+    report = await cancel_at_random_checkpoints(
+        scenario, check=scenario.check, data=data, points=2, perturb_schedule=perturb
+    )
+    if not perturb:
+        assert report.seed == 0
     assert report.points_exercised == 2
     assert all(0 <= k < report.steps for k in report.points)
     assert report.unreached == ()
