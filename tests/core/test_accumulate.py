@@ -223,6 +223,16 @@ def test_sink_port_is_not_accumulated() -> None:
     assert out.with_refs({"image": ref}) == {"raw": b"zz", "image": ref}
 
 
+def test_with_sinks_builds_routes_from_sets() -> None:
+    """S6-5: the set-based constructor the runner may prefer."""
+    acc = OutputAccumulator.with_sinks(PORTS, {"image"}, tee={"raw"})
+    assert acc.route_of("image") == BinaryRoute(sink=True, accumulate=False)
+    assert acc.route_of("raw") == BinaryRoute(sink=True, accumulate=True)
+    assert OutputAccumulator.with_sinks(PORTS).route_of("raw") == BinaryRoute()
+    with pytest.raises(ValueError, match="'text'"):
+        OutputAccumulator.with_sinks(PORTS, {"text"})
+
+
 def test_tee_port_is_materialised_and_stored_as_ref() -> None:
     """S6-5 (seed: tee for the graph + materialising consumer): edges get the bytes, the
     stored row gets the ref."""

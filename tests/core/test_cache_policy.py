@@ -277,3 +277,20 @@ def test_orphans_to_delete() -> None:
     a, b = _ref("a", 1), _ref("b", 2)
     assert refs_to_delete([b, a, b]) == [a, b]
     assert refs_to_delete([]) == []
+
+
+def test_inline_binary_row_round_trips_for_non_streaming_caches() -> None:
+    """S6-22 (seed H-1): with a cache that cannot stream, the row holds the inline Blob/bytes;
+    it survives the wire codec as itself (never a silent `{}`) and reads back as a usable hit
+    with the port's format and MIME."""
+    result = OutputAccumulator(PORTS)
+    result.feed(tg.BinaryDelta("image", b"\x01\x02\x03\x04"))
+    result.feed(tg.BinaryDelta("raw", b"\x05"))
+    row = result.result().output
+    assert sink_ports(PORTS, cacheable=True, cache_streams=False) == frozenset()
+    again = wire.unpackb(wire.packb(row))
+    cached = check_cached_row(again, PORTS)
+    assert cached is not None
+    assert decide_hit(cached) == "hit"
+    assert cached.output == {"image": tg.Blob(b"\x01\x02\x03\x04", "image/png"), "raw": b"\x05"}
+    assert cached.refs == {}

@@ -37,7 +37,7 @@ testable and fuzzable without trio.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Literal, TypeAlias, final
 
 import attrs
@@ -232,6 +232,25 @@ class OutputAccumulator:
                 )
             if not isinstance(route, BinaryRoute):
                 raise TypeError(f"route for {port!r} must be a BinaryRoute")
+
+    @classmethod
+    def with_sinks(
+        cls,
+        ports: Mapping[str, PortSpec],
+        sinks: Collection[str] = (),
+        *,
+        tee: Collection[str] = (),
+    ) -> OutputAccumulator:
+        """
+        Build an accumulator from port sets: ``sinks`` go to a sink and are not accumulated,
+        ``tee`` ports go to a sink *and* are accumulated; other binary ports accumulate.
+
+        Raises:
+            ValueError: a port in ``sinks`` or ``tee`` is not a binary port.
+        """
+        routes = {port: BinaryRoute(sink=True, accumulate=False) for port in sinks}
+        routes.update({port: BinaryRoute(sink=True, accumulate=True) for port in tee})
+        return cls(ports, routes)
 
     @property
     def state(self) -> AccumulatorState:
