@@ -25,6 +25,7 @@ from trio_taskgraph._core._cache_policy import (
     plan_hydration,
     refs_to_delete,
     replay_chunk_size,
+    replay_plan,
     sink_ports,
     split_chunk,
 )
@@ -294,3 +295,19 @@ def test_inline_binary_row_round_trips_for_non_streaming_caches() -> None:
     assert decide_hit(cached) == "hit"
     assert cached.output == {"image": tg.Blob(b"\x01\x02\x03\x04", "image/png"), "raw": b"\x05"}
     assert cached.refs == {}
+
+
+def test_replay_plan() -> None:
+    """S6-24: refs stream to streaming consumers and hydrate for materialising ones; inline
+    values only need streaming; ports without consumers need nothing."""
+    ref = _ref("r", 10**9)
+    cached = check_cached_row(
+        {"image": ref, "raw": b"inline", "meta": _ref("not-binary", 1), "log": "t"}, PORTS
+    )
+    assert cached is not None
+    both: set[str] = {"stream", "materialize"}
+    plan = replay_plan(cached, PORTS, {"image": both, "raw": both, "meta": both, "log": both})
+    assert plan == {"image": {"stream", "hydrate"}, "raw": {"stream"}}
+    assert replay_plan(cached, PORTS, {"image": {"materialize"}}) == {"image": {"hydrate"}}
+    assert replay_plan(cached, PORTS, {"raw": {"materialize"}}) == {}
+    assert replay_plan(cached, PORTS, {}) == {}

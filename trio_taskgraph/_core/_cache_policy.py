@@ -67,6 +67,8 @@ __all__ = [
     "plan_hydration",
     "refs_to_delete",
     "replay_chunk_size",
+    "replay_plan",
+    "ReplayAction",
     "sink_ports",
     "split_chunk",
 ]
@@ -232,6 +234,40 @@ def decide_hit(row: CachedRow | None, dangling: Collection[CacheRef] = ()) -> Hi
     if any(ref in dangling for ref in row.refs.values()):
         return "miss"
     return "hit"
+
+
+ReplayAction: TypeAlias = Literal["stream", "hydrate"]
+
+
+def replay_plan(
+    cached: CachedRow,
+    ports: Mapping[str, PortSpec],
+    consumer_modes: Mapping[str, Collection[EdgeMode]],
+) -> dict[str, frozenset[ReplayAction]]:
+    """
+    What a cache hit must do for each binary port's consumers (S6-24).
+
+    ``"stream"``: send the port's bytes as `BinaryDelta` chunks to its streaming consumers
+    (from ``open_output_stream_by_ref`` for a ref, `split_chunk` of the inline value
+    otherwise). ``"hydrate"``: read a ref's bytes for the materialising consumers, which
+    always get the value, never the ref, whatever the threshold (the returned output follows
+    `plan_hydration`). Only declared binary ports are considered (S6-20, S6-12). Ports with
+    no consumer, or no action, are absent.
+    """
+    plan: dict[str, frozenset[ReplayAction]] = {}
+    for port in cached.output:
+        spec = ports.get(port)
+        if spec is None or not spec.is_binary:
+            continue
+        modes = consumer_modes.get(port, ())
+        actions: set[ReplayAction] = set()
+        if "stream" in modes:
+            actions.add("stream")
+        if "materialize" in modes and port in cached.refs:
+            actions.add("hydrate")
+        if actions:
+            plan[port] = frozenset(actions)
+    return plan
 
 
 def replay_chunk_size(high_water_bytes: int) -> int:
