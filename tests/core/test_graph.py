@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, strategies as st
 
 import trio_taskgraph as tg
-from trio_taskgraph._core._graph import Edge, GraphModel, edge_mode_for, json_types
+from trio_taskgraph._core._graph import (
+    Edge,
+    GraphModel,
+    check_input_values,
+    edge_mode_for,
+    json_types,
+)
 
 BIN_OUT: dict[str, object] = {
     "properties": {
@@ -263,3 +269,70 @@ def test_edge_is_a_value() -> None:
     a = Edge(src="a", src_port="o", dst="b", dst_port="i", mode="stream")
     assert a == Edge(src="a", src_port="o", dst="b", dst_port="i", mode="stream")
     assert hash(a) == hash(Edge(src="a", src_port="o", dst="b", dst_port="i", mode="stream"))
+
+
+VALUE_SCHEMA: dict[str, object] = {
+    "properties": {
+        "s": {"type": "string"},
+        "i": {"type": "integer"},
+        "n": {"type": "number"},
+        "b": {"type": "boolean"},
+        "o": {"type": "object"},
+        "a": {"type": "array"},
+        "maybe": {"type": ["string", "null"]},
+        "odd": {"type": "custom-type"},
+        "any": {},
+        "stream": {"x-stream": "binary", "type": "string"},
+    },
+    "required": ["s"],
+}
+
+
+def test_input_values_accepted() -> None:
+    """S6-33"""
+    check_input_values(
+        "n1",
+        "T",
+        VALUE_SCHEMA,
+        {
+            "s": "x",
+            "i": 3,
+            "n": 2.5,
+            "b": False,
+            "o": {"k": 1},
+            "a": (1, 2),
+            "maybe": None,
+            "odd": object(),
+            "any": tg.Blob(b"x"),
+            "stream": object(),
+        },
+    )
+    check_input_values("n1", "T", VALUE_SCHEMA, {"s": "x", "n": 1, "a": [], "maybe": "y"})
+
+
+@pytest.mark.parametrize(
+    ("inputs", "port"),
+    [
+        ({"s": 1}, "s"),
+        ({"s": "x", "i": True}, "i"),
+        ({"s": "x", "i": 1.0}, "i"),
+        ({"s": "x", "n": False}, "n"),
+        ({"s": "x", "b": 0}, "b"),
+        ({"s": "x", "o": []}, "o"),
+        ({"s": "x", "a": {}}, "a"),
+        ({"s": "x", "maybe": 3}, "maybe"),
+        ({"s": "x", "ghost": 1}, "ghost"),
+        ({"i": 1}, "s"),
+    ],
+)
+def test_input_values_refused_naming_the_port(inputs: dict[str, object], port: str) -> None:
+    """S6-33"""
+    with pytest.raises(tg.PortSchemaError, match=rf"node 'n1' \(T\).*{port!r}"):
+        check_input_values("n1", "T", VALUE_SCHEMA, inputs)
+
+
+def test_input_values_with_odd_required() -> None:
+    """S6-33: a malformed `required` constrains nothing here (S6-17 reports it at wiring)."""
+    check_input_values("n1", "T", {"properties": {"a": {}}, "required": "a"}, {})
+    with pytest.raises(tg.PortSchemaError, match="1"):
+        check_input_values("n1", "T", {"properties": {}}, {1: 2})  # type: ignore[dict-item]

@@ -34,6 +34,9 @@ Rules (spec/S6-runner.md, S6-10 ... S6-17):
   consumers a port has, which is what the cache policy needs to decide sinks and tees (S6-16).
 - `missing_inputs` lists the input ports declared ``required`` that have neither a fixed value
   nor an edge (S6-17); the runner refuses such a graph before starting anything.
+- `check_input_values` checks a node's assembled input values just before it runs (S6-33):
+  only declared ports, every ``required`` port present, and each value of the JSON ``type``
+  its port declares (streamed binary ports excepted).
 
 Everything here is pure: it takes schemas and ids and returns values or raises.
 """
@@ -54,6 +57,7 @@ __all__ = [
     "GraphModel",
     "NodeSpec",
     "check_input_ports",
+    "check_input_values",
     "edge_mode_for",
     "json_types",
 ]
@@ -405,3 +409,63 @@ class GraphModel:
                     f"node {node!r} ({spec.task_type}): required input {missing[0]!r} has no "
                     "fixed value and no edge"
                 )
+
+
+_JSON_CHECKS: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (Mapping,),
+    "array": (list, tuple),
+    "null": (type(None),),
+}
+
+
+def _matches(json_type: str, value: object) -> bool:
+    kinds = _JSON_CHECKS.get(json_type)
+    if kinds is None:
+        return True  # an unknown type name constrains nothing here
+    if isinstance(value, bool) and json_type in ("integer", "number"):
+        return False  # JSON booleans are not numbers
+    return isinstance(value, kinds)
+
+
+def check_input_values(
+    node_id: str, task_type: str, input_schema: Mapping[str, object], inputs: Mapping[str, object]
+) -> None:
+    """
+    Check a node's input values just before it runs (S6-33), after refs were resolved.
+
+    Rules: every key is a declared input port; every port in ``required`` is present; a value
+    at a port declaring ``"type"`` (a str or list of str) has one of those JSON types
+    (``integer`` excludes bool and float, ``number`` accepts int and float, ``object`` is any
+    mapping, ``array`` a list or tuple). Streamed binary input ports are not type-checked
+    (their value is a stream the runner supplies).
+
+    Raises:
+        PortSchemaError: naming the node, its task type and the port.
+    """
+    where = f"node {node_id!r} ({task_type})"
+    ports = parse_ports(input_schema)
+    keys: list[object] = list(inputs)  # keys are not trusted to be str
+    for port in keys:
+        if not isinstance(port, str) or port not in ports:
+            known = ", ".join(sorted(ports)) or "none"
+            raise PortSchemaError(
+                f"{where}: input {port!r} is not an input port (input ports: {known})"
+            )
+    required = input_schema.get("required", ())
+    if isinstance(required, list | tuple):
+        for port in required:
+            if isinstance(port, str) and port not in inputs:
+                raise PortSchemaError(f"{where}: required input {port!r} is missing")
+    for port, value in inputs.items():
+        if ports[port].is_binary:
+            continue
+        types = json_types(input_schema, port)
+        if types is not None and not any(_matches(t, value) for t in types):
+            raise PortSchemaError(
+                f"{where}: input {port!r} is {type(value).__name__}, "
+                f"not of type {' or '.join(sorted(types))}"
+            )
