@@ -45,6 +45,14 @@ EXPECTED_PUBLIC = {
     "CacheRef",
     "make_cache_ref",
     "is_cache_ref",
+    # tasks and graphs (issue 7, graph core)
+    "Task",
+    "TaskGraph",
+    "TaskContext",
+    "TaskProgress",
+    "RunConfig",
+    "StreamProtocolError",
+    "TaskDefinitionError",
 }
 
 

@@ -46,10 +46,19 @@ from ._errors import (
     PortSchemaError as PortSchemaError,
     RefError as RefError,
     RepositoryError as RepositoryError,
+    StreamProtocolError as StreamProtocolError,
+    TaskDefinitionError as TaskDefinitionError,
     TaskFailedError as TaskFailedError,
     TaskGraphError as TaskGraphError,
     TaskGraphInternalError as TaskGraphInternalError,
     WireFormatError as WireFormatError,
+)
+from ._task import (  # tasks and graphs (issue 7, graph core)
+    RunConfig as RunConfig,
+    Task as Task,
+    TaskContext as TaskContext,
+    TaskGraph as TaskGraph,
+    TaskProgress as TaskProgress,
 )
 from ._version import __version__ as __version__
 
@@ -90,6 +99,14 @@ __all__ = [
     "CacheRef",
     "make_cache_ref",
     "is_cache_ref",
+    # tasks and graphs (issue 7, graph core)
+    "Task",
+    "TaskGraph",
+    "TaskContext",
+    "TaskProgress",
+    "RunConfig",
+    "StreamProtocolError",
+    "TaskDefinitionError",
 ]
 
 
