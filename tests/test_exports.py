@@ -45,6 +45,13 @@ EXPECTED_PUBLIC = {
     "CacheRef",
     "make_cache_ref",
     "is_cache_ref",
+    # output repositories (issue 5)
+    "OutputRepository",
+    "MemoryOutputRepository",
+    "FsOutputRepository",
+    "RunPrivateRepository",
+    "RepositoryStats",
+    "GcReport",
 }
 
 

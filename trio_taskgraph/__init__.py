@@ -51,6 +51,16 @@ from ._errors import (
     TaskGraphInternalError as TaskGraphInternalError,
     WireFormatError as WireFormatError,
 )
+
+# output repositories (issue 5)
+from ._repository import (
+    FsOutputRepository as FsOutputRepository,
+    GcReport as GcReport,
+    MemoryOutputRepository as MemoryOutputRepository,
+    OutputRepository as OutputRepository,
+    RepositoryStats as RepositoryStats,
+    RunPrivateRepository as RunPrivateRepository,
+)
 from ._version import __version__ as __version__
 
 __all__ = [
@@ -90,6 +100,13 @@ __all__ = [
     "CacheRef",
     "make_cache_ref",
     "is_cache_ref",
+    # output repositories (issue 5)
+    "OutputRepository",
+    "MemoryOutputRepository",
+    "FsOutputRepository",
+    "RunPrivateRepository",
+    "RepositoryStats",
+    "GcReport",
 ]
 
 
