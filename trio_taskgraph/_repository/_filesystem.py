@@ -576,10 +576,16 @@ class FsOutputRepository:
         Cancellation: the temp file (and the published file, if the rename happened) is
         unlinked under a shielded scope before `Cancelled` leaves; no row, no blob, no ref.
         """
+        del inputs, port  # the name is unique per write, never derived from the inputs
+        async with iterate_closing(chunks) as iterator:
+            return await self._save_stream(task_type, iterator, mime)
+
+    async def _save_stream(
+        self, task_type: str, chunks: AsyncIterator[BytesLike], mime: str | None
+    ) -> CacheRef:
         signer = await self._enter()
         check_task_type(task_type)
         check_mime(mime)
-        del inputs, port  # the name is unique per write, never derived from the inputs
         root = self._root
         name = secrets.token_hex(16)
         write = _Write(tmp=root.blobs / f"{root.token}.{name}.tmp", final=self._blob_path(name))
@@ -605,7 +611,7 @@ class FsOutputRepository:
             raise
         return CacheRef(signer.issue(self._namespace, name), size, mime)
 
-    async def _pump(self, write: _Write, chunks: AsyncIterable[BytesLike]) -> int:
+    async def _pump(self, write: _Write, chunks: AsyncIterator[BytesLike]) -> int:
         fd = write.fd
         assert fd is not None
         total = 0
@@ -619,10 +625,10 @@ class FsOutputRepository:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(writer)
-                async with send, iterate_closing(chunks) as iterator:
+                async with send:
                     batch: list[BytesLike] = []
                     gathered = 0
-                    async for chunk in iterator:
+                    async for chunk in chunks:
                         size = size_of_chunk(chunk)
                         if not size:
                             continue

@@ -188,17 +188,17 @@ class MemoryOutputRepository:
 
         Cancellation: nothing is published; the partial bytes are dropped.
         """
-        store = await self._enter()
-        check_task_type(task_type)
-        check_mime(mime)
         del inputs, port  # refs are unique per write, not derived from the inputs
         parts: list[bytes] = []
         async with iterate_closing(chunks) as iterator:
+            store = await self._enter()
+            check_task_type(task_type)
+            check_mime(mime)
             async for chunk in iterator:
                 size_of_chunk(chunk)
                 parts.append(bytes(chunk))
-        if self._closed or store.closed:
-            raise RepositoryError("the repository is closed")
+            if self._closed or store.closed:
+                raise RepositoryError("the repository is closed")
         data = b"".join(parts)
         name = secrets.token_hex(16)
         store.blobs[(self._namespace, name)] = _MemBlob(

@@ -24,7 +24,7 @@ import trio
 
 from .._core._keys import child_namespace
 from .._errors import RepositoryError
-from ._common import check_task_type
+from ._common import check_task_type, iterate_closing
 from ._protocol import DEFAULT_GC_MIN_AGE, NamespacedRepository
 
 if TYPE_CHECKING:
@@ -119,13 +119,14 @@ class RunPrivateRepository:
 
         Cancellation: as the backing's (nothing published, no temp file left).
         """
-        self._check_open()
-        if not self._inner.supports_streaming():
-            await trio.lowlevel.checkpoint()
-            raise RepositoryError("the backing repository does not support streaming saves")
-        return await self._inner.save_output_stream(
-            check_task_type(task_type), inputs, port, chunks, mime=mime
-        )
+        async with iterate_closing(chunks) as iterator:
+            self._check_open()
+            if not self._inner.supports_streaming():
+                await trio.lowlevel.checkpoint()
+                raise RepositoryError("the backing repository does not support streaming saves")
+            return await self._inner.save_output_stream(
+                check_task_type(task_type), inputs, port, iterator, mime=mime
+            )
 
     async def get_output_by_ref(self, ref: CacheRef) -> bytes:
         """
