@@ -47,6 +47,7 @@ EXPECTED_PUBLIC = {
     "is_cache_ref",
     # output repositories (issue 5)
     "OutputRepository",
+    "NamespacedRepository",
     "MemoryOutputRepository",
     "FsOutputRepository",
     "RunPrivateRepository",

@@ -57,6 +57,7 @@ from ._repository import (
     FsOutputRepository as FsOutputRepository,
     GcReport as GcReport,
     MemoryOutputRepository as MemoryOutputRepository,
+    NamespacedRepository as NamespacedRepository,
     OutputRepository as OutputRepository,
     RepositoryStats as RepositoryStats,
     RunPrivateRepository as RunPrivateRepository,
@@ -102,6 +103,7 @@ __all__ = [
     "is_cache_ref",
     # output repositories (issue 5)
     "OutputRepository",
+    "NamespacedRepository",
     "MemoryOutputRepository",
     "FsOutputRepository",
     "RunPrivateRepository",

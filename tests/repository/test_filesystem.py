@@ -350,3 +350,14 @@ async def test_corrupt_row_is_a_repository_error(tmp_path: Path) -> None:
     with pytest.raises(tg.RepositoryError, match="corrupt"):
         await repo.get_output("t", {})
     await repo.aclose()
+
+
+async def test_stream_iterator_is_dead_after_its_block(tmp_path: Path) -> None:
+    """S4-8: an iterator kept past its `async with` never reads a recycled descriptor."""
+    repo = tg.FsOutputRepository(tmp_path / "r", read_chunk_bytes=4)
+    ref = await repo.save_output_stream("t", {}, "out", _stream(b"0123456789"))
+    async with repo.open_output_stream_by_ref(ref) as chunks:
+        assert await chunks.__anext__() == b"0123"
+    with pytest.raises(tg.RepositoryError, match="after its"):
+        await chunks.__anext__()
+    await repo.aclose()

@@ -360,11 +360,16 @@ class _FileChunks:
         self._fd = fd
         self._chunk = chunk
         self._eof = False
+        self.closed = False
 
     def __aiter__(self) -> _FileChunks:
         return self
 
     async def __anext__(self) -> bytes:
+        if self.closed:
+            # The descriptor is closed and its number may already name another file.
+            await trio.lowlevel.checkpoint()
+            raise RepositoryError("the blob stream was used after its `async with` block")
         if self._eof:
             await trio.lowlevel.checkpoint()
             raise StopAsyncIteration
@@ -688,9 +693,11 @@ class FsOutputRepository:
         fd = await self._run_io(_open_read, self._blob_path(name))
         if fd is None:
             raise DanglingRefError(f"the blob of ref {ref.ref[:80]!r} is gone")
+        chunks = _FileChunks(self, fd, self._read_chunk)
         try:
-            yield _FileChunks(self, fd, self._read_chunk)
+            yield chunks
         finally:
+            chunks.closed = True
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(os.close, fd)
 
