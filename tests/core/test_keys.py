@@ -191,3 +191,13 @@ def test_blob_names_and_signer_validation() -> None:
     with pytest.raises(ValueError, match="secret"):
         RefSigner(repository_id="a" * 32, secret=b"short")
     assert "s" * 32 not in repr(SIGNER)
+
+
+def test_refs_in_inputs_key_by_all_fields() -> None:
+    """S4-1: a CacheRef input keys by its text, size and MIME type; never equal to its str."""
+    ref = tg.CacheRef("cache://x", 3, "a/b")
+    assert input_digest(ref) == input_digest(tg.CacheRef("cache://x", 3, "a/b"))
+    assert input_digest(ref) != input_digest(tg.CacheRef("cache://x", 4, "a/b"))
+    assert input_digest(ref) != input_digest("cache://x")
+    with pytest.raises(TypeError, match="namespace"):
+        check_namespace(7)

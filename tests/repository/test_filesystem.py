@@ -361,3 +361,59 @@ async def test_stream_iterator_is_dead_after_its_block(tmp_path: Path) -> None:
     with pytest.raises(tg.RepositoryError, match="after its"):
         await chunks.__anext__()
     await repo.aclose()
+
+
+async def test_cancel_while_parked_on_the_database_lock(tmp_path: Path) -> None:
+    """S4-8: a call parked behind another's database work, cancelled, leaves nothing parked
+    and changes nothing."""
+    repo = tg.FsOutputRepository(tmp_path / "r")
+    await repo.save_output("t", {}, {"v": 1})
+    lock = repo._root.db_lock
+    async with lock:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(repo.save_output, "t", {}, {"v": 2})
+            nursery.start_soon(repo.get_output, "t", {})
+            await trio.testing.wait_all_tasks_blocked()
+            assert lock.statistics().tasks_waiting == 2
+            nursery.cancel_scope.cancel()
+        assert lock.statistics().tasks_waiting == 0
+    assert await repo.get_output("t", {}) == {"v": 1}
+    await repo.aclose()
+
+
+async def test_cancel_while_a_batch_is_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S4-3: cancelled while a worker thread writes a batch (and the producer waits for the
+    writer): the thread finishes, then the temp file goes; nothing is published."""
+    import threading
+
+    folder = tmp_path / "r"
+    repo = tg.FsOutputRepository(folder, write_batch_bytes=4)
+    await repo.stats()
+    entered = threading.Event()
+    release = threading.Event()
+    real = _filesystem._writev_all
+
+    def slow_writev(fd: int, batch: list[bytes]) -> None:
+        entered.set()
+        release.wait(10)
+        real(fd, batch)
+
+    monkeypatch.setattr(_filesystem, "_writev_all", slow_writev)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            yield b"abcd"
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(repo.save_output_stream, "t", {}, "out", chunks())
+        await trio.to_thread.run_sync(entered.wait, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+        release.set()
+    assert _temps(folder) == []
+    assert _published(folder) == []
+    assert (await repo.stats()).blobs == 0
+    await repo.aclose()
