@@ -322,12 +322,16 @@ async def test_failed_row_save_leaves_blob_deletable(tmp_path: Path) -> None:
 
 
 async def test_gc_removes_record_less_files(tmp_path: Path) -> None:
-    """S4-5: a blob file without a record (crash between rename and record) is collected."""
+    """S4-4, S4-5: a blob file without a record (crash between rename and record) is
+    collected once it is old enough that no live writer can still be recording it."""
     repo = tg.FsOutputRepository(tmp_path / "r")
     await repo.stats()
     stray = tmp_path / "r" / "blobs" / f"{'3' * 32}.blob"
     stray.write_bytes(b"stray")
     assert (await repo.gc()).blobs == 0  # too young by default
+    assert (await repo.gc(min_age=0.0)).blobs == 0  # a live writer may be about to record it
+    old = stray.stat().st_mtime - 120
+    os.utime(stray, (old, old))
     report = await repo.gc(min_age=0.0)
     assert report.blobs == 1
     assert not stray.exists()

@@ -74,6 +74,9 @@ DEFAULT_READ_CHUNK_BYTES: Final = 8 * 1024 * 1024
 _MAX_IOVECS: Final = 512
 #: Temp files whose name carries no token are swept once this old (seconds).
 _UNOWNED_TEMP_AGE: Final = 3600.0
+#: A blob file with no record is collected only once this old (seconds), whatever
+#: ``min_age`` says: a writer in another process records its blob just after the rename.
+_STRAY_MIN_AGE: Final = 60.0
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS rows (
@@ -816,7 +819,8 @@ class FsOutputRepository:
     async def gc(self, *, min_age: float = DEFAULT_GC_MIN_AGE) -> GcReport:
         """
         Remove this namespace's blobs no row points to (at least ``min_age`` seconds old),
-        blob files with no record (a crash between rename and record; same age rule), and
+        blob files with no record (a crash between rename and record; at least
+        ``max(min_age, 60)`` seconds old, so a live writer's just-renamed blob is safe), and
         temp files of dead writers (any age; a live writer's are kept).
 
         Cancellation: each step commits entirely or not at all.
@@ -825,7 +829,7 @@ class FsOutputRepository:
         root = self._root
         ns = self._namespace
         cutoff = root.clock() - min_age
-        wall_cutoff = time.time() - min_age
+        wall_cutoff = time.time() - max(min_age, _STRAY_MIN_AGE)
 
         def collect(conn: sqlite3.Connection) -> GcReport:
             temps = _sweep_temps(root.blobs, root.locks, root.token)
