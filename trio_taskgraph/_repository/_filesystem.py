@@ -341,8 +341,8 @@ class _Tx:
         self.conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
 
 
-def _prefix_clause() -> str:
-    return "substr(task_type, 1, length(?)) = ?"
+#: "task_type starts with ?" without LIKE's wildcards: bind the prefix twice.
+_PREFIX_CLAUSE: Final = "substr(task_type, 1, length(?)) = ?"
 
 
 # --- the repository ------------------------------------------------------------------------
@@ -785,8 +785,7 @@ class FsOutputRepository:
         """
         if not isinstance(prefix, str):
             raise TypeError("prefix must be a str")
-        clause = _prefix_clause()
-        return await self._prune(clause, (prefix, prefix), clause)
+        return await self._prune(_PREFIX_CLAUSE, (prefix, prefix), _PREFIX_CLAUSE)
 
     # -- capabilities, statistics, collection, closing --
 
