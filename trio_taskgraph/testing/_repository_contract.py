@@ -332,6 +332,12 @@ async def check_prefix_delete_cascades(factory: RepositoryFactory) -> None:
         assert await repo.get_output_by_ref(ref_b) == b"B"
         assert await repo.get_output("b", {}) == {"out": ref_b, "also": [ref_shared]}
         assert await repo.delete_by_task_type_prefix("zzz") == 0
+        await repo.save_output("p%_x", {}, {"v": 1})
+        await repo.save_output("pq_x", {}, {"v": 2})
+        await repo.save_output("p%zx", {}, {"v": 3})
+        assert await repo.delete_by_task_type_prefix("p%_") == 1, "prefixes are literal"
+        assert await repo.get_output("pq_x", {}) == {"v": 2}
+        assert await repo.get_output("p%zx", {}) == {"v": 3}
 
 
 async def check_clear_older_than(factory: RepositoryFactory) -> None:
