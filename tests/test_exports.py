@@ -53,6 +53,14 @@ EXPECTED_PUBLIC = {
     "RunConfig",
     "StreamProtocolError",
     "TaskDefinitionError",
+    # output repositories (issue 5)
+    "OutputRepository",
+    "NamespacedRepository",
+    "MemoryOutputRepository",
+    "FsOutputRepository",
+    "RunPrivateRepository",
+    "RepositoryStats",
+    "GcReport",
 }
 
 

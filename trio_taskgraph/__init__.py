@@ -53,6 +53,17 @@ from ._errors import (
     TaskGraphInternalError as TaskGraphInternalError,
     WireFormatError as WireFormatError,
 )
+
+# output repositories (issue 5)
+from ._repository import (
+    FsOutputRepository as FsOutputRepository,
+    GcReport as GcReport,
+    MemoryOutputRepository as MemoryOutputRepository,
+    NamespacedRepository as NamespacedRepository,
+    OutputRepository as OutputRepository,
+    RepositoryStats as RepositoryStats,
+    RunPrivateRepository as RunPrivateRepository,
+)
 from ._task import (  # tasks and graphs (issue 7, graph core)
     RunConfig as RunConfig,
     Task as Task,
@@ -107,6 +118,14 @@ __all__ = [
     "RunConfig",
     "StreamProtocolError",
     "TaskDefinitionError",
+    # output repositories (issue 5)
+    "OutputRepository",
+    "NamespacedRepository",
+    "MemoryOutputRepository",
+    "FsOutputRepository",
+    "RunPrivateRepository",
+    "RepositoryStats",
+    "GcReport",
 ]
 
 
