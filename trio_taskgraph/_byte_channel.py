@@ -116,7 +116,7 @@ def open_byte_channel(
 
 
 @final
-@attrs.define(eq=False, repr=False)
+@attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
 class ByteSendChannel(trio.abc.SendChannel[SendT]):
     """
     The sending end of a byte-budget channel; made by `open_byte_channel` or `clone`.
@@ -265,7 +265,7 @@ class ByteSendChannel(trio.abc.SendChannel[SendT]):
 
 
 @final
-@attrs.define(eq=False, repr=False)
+@attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
 class ByteReceiveChannel(trio.abc.ReceiveChannel[ReceiveT]):
     """
     The receiving end of a byte-budget channel; made by `open_byte_channel` or `clone`.

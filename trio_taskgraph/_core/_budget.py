@@ -144,8 +144,8 @@ def check_size(value: object, what: str = "size") -> int:
     if type(value) is int and value >= 0:
         return value
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{what} must return an int, not {type(value).__name__}")
-    raise ValueError(f"{what} must return a size >= 0, got {value}")
+        raise TypeError(f"{what}: a chunk size must be an int, not {type(value).__name__}")
+    raise ValueError(f"{what}: a chunk size must be >= 0, got {value}")
 
 
 @final
@@ -200,7 +200,9 @@ _NOTHING: Final[tuple[()]] = ()
 
 
 @final
-@attrs.define(eq=False, slots=True)
+# on_setattr=NO_OP: attrs.define would run converters/validators on every assignment, which
+# costs ~1 us per item on the hot path; the mark is validated once, at construction.
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class ByteBudget(Generic[T, K]):
     """
     The accounting of one byte-budget channel (see the module docstring for the rules).
