@@ -24,6 +24,7 @@ INPUTS = re.compile(r"inputs run:\s*(\d+)")
 
 
 def _run_one(path: Path, seconds: float) -> tuple[str, str, int | None, float, str]:
+    """Run one harness; return (name, status, inputs run, wall seconds, output tail)."""
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(path), "--seconds", str(seconds)],
@@ -51,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         "--seconds", type=float, default=float(os.environ.get("FUZZ_SECONDS", "60"))
     )
     parser.add_argument("--jobs", type=int, default=1, help="harnesses run at once")
+    parser.add_argument("--dir", type=Path, default=HERE, help="where the harnesses are")
     parser.add_argument("names", nargs="*", help="harness names (default: all)")
     args = parser.parse_args(argv)
-    paths = sorted(HERE.glob("fuzz_*.py"))
+    paths = sorted(args.dir.glob("fuzz_*.py"))
     if args.names:
         wanted = {n if n.startswith("fuzz_") else f"fuzz_{n}" for n in args.names}
         paths = [p for p in paths if p.stem in wanted]

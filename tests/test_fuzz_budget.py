@@ -47,3 +47,22 @@ def test_fuzz_budget_reports_a_finding() -> None:
             harness.TestOneInput(bytes.fromhex("090005001900010400020002000200"))
     finally:
         harness.ByteBudget = original
+
+
+def test_run_all_summarises_and_fails_on_a_finding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fuzz/run_all.py: one row per harness, non-zero exit on a finding or a missing count."""
+    run_all = _load("run_all")
+    (tmp_path / "fuzz_fine.py").write_text("print('inputs run: 7')\n")
+    (tmp_path / "fuzz_finds.py").write_text(
+        "print('inputs run: 3')\nraise AssertionError('S9-9')\n"
+    )
+    (tmp_path / "fuzz_silent.py").write_text("pass\n")
+    assert run_all.main(["--seconds", "0.1", "--dir", str(tmp_path), "--jobs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "fuzz_fine" in out
+    assert "FINDING" in out
+    assert "NO COUNT" in out
+    assert "S9-9" in out
+    assert run_all.main(["--seconds", "0.1", "--dir", str(tmp_path), "fine"]) == 0

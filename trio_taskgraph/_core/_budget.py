@@ -261,10 +261,6 @@ class ByteBudget(Generic[T, K]):
         """The parked receivers' tokens in FIFO order (for tests and fuzzing)."""
         return tuple(self._receivers)
 
-    def is_sender_parked(self, token: K) -> bool:
-        """Whether ``token`` is a parked sender."""
-        return token in self._senders
-
     # ------------------------------------------------------------------------------- send
 
     def send(self, item: T, size: int) -> K | Verdict | None:
