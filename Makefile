@@ -34,3 +34,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .hypothesis
+
+# Cancellation torture at every point (issue 10): suites size their campaigns with
+# trio_taskgraph.testing.torture_max_points(), which reads TORTURE_MAX_POINTS (0 = all points).
+.PHONY: torture
+torture: $(STAMP)
+	TORTURE_MAX_POINTS=0 HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(BIN)/python -m pytest -q -p tests.torture_tally

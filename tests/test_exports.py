@@ -50,6 +50,14 @@ EXPECTED_PUBLIC = {
     "ByteSendChannel",
     "ByteReceiveChannel",
     "ByteChannelStatistics",
+    # tasks and graphs (issue 7, graph core)
+    "Task",
+    "TaskGraph",
+    "TaskContext",
+    "TaskProgress",
+    "RunConfig",
+    "StreamProtocolError",
+    "TaskDefinitionError",
 }
 
 

@@ -8,13 +8,14 @@ cache and travel as small branded refs.
 Everything public is re-exported here; the modules behind it are private.
 """
 
-# byte-budget channels (issue 3)
-from ._byte_channel import (
+from ._byte_channel import (  # byte-budget channels (issue 3)
     ByteReceiveChannel as ByteReceiveChannel,
     ByteSendChannel as ByteSendChannel,
     open_byte_channel as open_byte_channel,
 )
-from ._core._budget import ByteChannelStatistics as ByteChannelStatistics
+from ._core._budget import (  # byte-budget channels (issue 3)
+    ByteChannelStatistics as ByteChannelStatistics,
+)
 from ._core._constants import (
     DEFAULT_HIGH_WATER_BYTES as DEFAULT_HIGH_WATER_BYTES,
     DEFAULT_REFERENCE_THRESHOLD_BYTES as DEFAULT_REFERENCE_THRESHOLD_BYTES,
@@ -53,10 +54,19 @@ from ._errors import (
     PortSchemaError as PortSchemaError,
     RefError as RefError,
     RepositoryError as RepositoryError,
+    StreamProtocolError as StreamProtocolError,
+    TaskDefinitionError as TaskDefinitionError,
     TaskFailedError as TaskFailedError,
     TaskGraphError as TaskGraphError,
     TaskGraphInternalError as TaskGraphInternalError,
     WireFormatError as WireFormatError,
+)
+from ._task import (  # tasks and graphs (issue 7, graph core)
+    RunConfig as RunConfig,
+    Task as Task,
+    TaskContext as TaskContext,
+    TaskGraph as TaskGraph,
+    TaskProgress as TaskProgress,
 )
 from ._version import __version__ as __version__
 
@@ -102,6 +112,14 @@ __all__ = [
     "ByteSendChannel",
     "ByteReceiveChannel",
     "ByteChannelStatistics",
+    # tasks and graphs (issue 7, graph core)
+    "Task",
+    "TaskGraph",
+    "TaskContext",
+    "TaskProgress",
+    "RunConfig",
+    "StreamProtocolError",
+    "TaskDefinitionError",
 ]
 
 

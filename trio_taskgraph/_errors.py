@@ -22,6 +22,9 @@ __all__ = [
     "RepositoryError",
     "CacheServerError",
     "TaskFailedError",
+    # tasks and graphs
+    "StreamProtocolError",
+    "TaskDefinitionError",
 ]
 
 
@@ -124,3 +127,27 @@ class TaskFailedError(TaskGraphError):
 
     def __reduce__(self) -> tuple[type[TaskFailedError], tuple[str, str, str | None]]:
         return (type(self), (self.task_type, self.node_id, self._message))
+
+
+# --- tasks and graphs (issue 7) ---------------------------------------------------------------
+
+
+class StreamProtocolError(PortSchemaError):
+    """
+    A task's output broke its own output schema: an event or a result value for an undeclared
+    port, a delta whose kind does not match the port's ``x-stream`` mode (a `BinaryDelta` for a
+    text port, a `TextDelta` for a non-``append`` port...), a value of the wrong type at a
+    binary port, or any event after the stream finished.
+
+    The message names the port. The runner reports it as the cause of a `TaskFailedError`.
+    """
+
+
+class TaskDefinitionError(TaskGraphError, TypeError):
+    """
+    A `Task` subclass is malformed: no ``type``, a ``type`` already registered by another
+    class, neither or both of ``execute``/``execute_stream``, or one that is not ``async``.
+
+    Raised at class creation, so a malformed task never registers. (Schema problems raise
+    `PortSchemaError` instead.)
+    """
