@@ -101,6 +101,8 @@ def open_byte_channel(
         size_of: ``size_of(item) -> int``, the bytes an item counts for. By default an item
             must be ``bytes``, ``bytearray`` or ``memoryview`` and counts its buffer size
             (``nbytes``); pass a function to budget, say, stream events by payload size.
+            An item is measured once, when it is sent, and never copied: do not resize a
+            ``bytearray`` after sending it (as for `BinaryDelta` chunks, S1-2).
 
     Returns:
         ``(send_channel, receive_channel)``: data flows from left to right.
