@@ -852,60 +852,86 @@ async def _cancel_parked(
 # ------------------------------------------------------------- cancellation torture (S7)
 
 
-async def test_pipeline_cancelled_at_each_checkpoint() -> None:
-    """S2-6, S2-7, S2-11, S2-12 under `cancel_at_each_checkpoint`.
+@attrs.define
+class _Pipeline:
+    """Two producers on send clones, two consumers on receive clones (one slower, so sends
+    park at the mark); rebuilt afresh on every run of the torture toolkit.
 
-    Two producers on send clones, two consumers on receive clones (one slower, so sends
-    park at the mark), cancelled after every scheduler step in turn. After every run: no
-    task parked, every handle closed by its ``async with``, nothing received that was not
-    sent (atomic sends), no duplicates, and each producer's items arrive in its order.
+    Each consumer records what it receives in its own list: two consumers woken in the same
+    tick may run in either order, so only each consumer's own sequence has an order to check.
     """
-    from trio_taskgraph.testing import cancel_at_each_checkpoint, torture_max_points
 
-    state: dict[str, object] = {}
+    mark: int = 5
+    items: int = 6
+    send: ByteSendChannel[BytesLike] | None = None
+    sent: list[bytes] = attrs.Factory(list)
+    received: tuple[list[bytes], list[bytes]] = attrs.Factory(lambda: ([], []))
 
-    async def scenario() -> None:
-        send, receive = open_byte_channel(5)
-        sent: list[bytes] = []
-        received: list[bytes] = []
-        state.update(send=send, sent=sent, received=received)
+    async def scenario(self) -> None:
+        send, receive = open_byte_channel(self.mark)
+        self.send, self.sent, self.received = send, [], ([], [])
+        sent = self.sent
 
         async def produce(handle: ByteSendChannel[BytesLike], tag: int) -> None:
             async with handle:
-                for i in range(6):
+                for i in range(self.items):
                     item = bytes([tag, i]) * (1 + i % 3)
                     await handle.send(item)
-                    sent.append(item)
+                    sent.append(item)  # no checkpoint between the send and this line
 
-        async def consume(handle: ByteReceiveChannel[BytesLike], slow: bool) -> None:
+        async def consume(handle: ByteReceiveChannel[BytesLike], into: list[bytes]) -> None:
             async with handle:
                 async for item in handle:
-                    received.append(bytes(item))
-                    if slow:
+                    into.append(bytes(item))
+                    if into is self.received[0]:  # the slow one
                         await trio.lowlevel.checkpoint()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce, send.clone(), 1)
             nursery.start_soon(produce, send, 2)
-            nursery.start_soon(consume, receive.clone(), True)
-            nursery.start_soon(consume, receive, False)
+            nursery.start_soon(consume, receive.clone(), self.received[0])
+            nursery.start_soon(consume, receive, self.received[1])
 
-    def check() -> None:
-        send = state["send"]
-        assert isinstance(send, ByteSendChannel)
-        stats = send.statistics()
-        assert (stats.parked_senders, stats.parked_receivers) == (0, 0)
-        assert (stats.open_send_channels, stats.open_receive_channels) == (0, 0)
-        sent, received = state["sent"], state["received"]
-        assert isinstance(sent, list)
-        assert isinstance(received, list)
-        assert len(set(received)) == len(received)
-        assert set(received) <= set(sent)
-        for tag in (1, 2):
-            mine = [x for x in received if x[0] == tag]
-            assert mine == [x for x in sent if x[0] == tag][: len(mine)]
+    def check(self) -> None:
+        assert self.send is not None
+        stats = self.send.statistics()
+        assert (stats.parked_senders, stats.parked_receivers) == (0, 0)  # S2-12
+        assert (stats.open_send_channels, stats.open_receive_channels) == (0, 0)  # S2-11
+        everything = self.received[0] + self.received[1]
+        assert len(set(everything)) == len(everything)  # S2-6: no duplicates
+        assert set(everything) <= set(self.sent)  # S2-7: cancelled sends never arrive
+        for mine in self.received:  # S2-6: each consumer sees each producer's items in order
+            for tag in (1, 2):
+                order = [self.sent.index(x) for x in mine if x[0] == tag]
+                assert order == sorted(order)
+        assert stats.peak_buffered_bytes <= self.mark + 3 * 2  # S2-3
 
+
+async def test_pipeline_cancelled_at_each_checkpoint() -> None:
+    """S2-3, S2-6, S2-7, S2-11, S2-12 under `cancel_at_each_checkpoint` (S7).
+
+    After every run: no task parked, every handle closed by its ``async with``, nothing
+    received that was not sent (atomic sends), no duplicates, each producer's items in order.
+    """
+    from trio_taskgraph.testing import cancel_at_each_checkpoint, torture_max_points
+
+    pipeline = _Pipeline()
     report = await cancel_at_each_checkpoint(
-        scenario, check=check, max_points=torture_max_points(25)
+        pipeline.scenario, check=pipeline.check, max_points=torture_max_points(25)
     )
     assert report.points_exercised >= 2
+
+
+@given(data=st.data())
+async def test_pipeline_cancelled_at_random_checkpoints(data: st.DataObject) -> None:
+    """S2-3, S2-6, S2-7, S2-11, S2-12 under `cancel_at_random_checkpoints` (S7).
+
+    Hypothesis draws the mark, the number of items, the scheduler seed and the cancel points.
+    """
+    from trio_taskgraph.testing import cancel_at_random_checkpoints
+
+    pipeline = _Pipeline(
+        mark=data.draw(st.integers(1, 8), label="mark"),
+        items=data.draw(st.integers(0, 6), label="items"),
+    )
+    await cancel_at_random_checkpoints(pipeline.scenario, check=pipeline.check, data=data, points=2)
