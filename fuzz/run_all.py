@@ -21,6 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 INPUTS = re.compile(r"inputs run:\s*(\d+)")
+# libFuzzer's own summary, for an atheris harness whose count was lost on its way out.
+LIBFUZZER_DONE = re.compile(r"^Done (\d+) runs in", re.MULTILINE)
 
 
 def _run_one(path: Path, seconds: float) -> tuple[str, str, int | None, float, str]:
@@ -35,7 +37,7 @@ def _run_one(path: Path, seconds: float) -> tuple[str, str, int | None, float, s
         check=False,
     )
     elapsed = time.monotonic() - start
-    match = INPUTS.search(proc.stdout)
+    match = INPUTS.search(proc.stdout) or LIBFUZZER_DONE.search(proc.stderr)
     inputs = int(match.group(1)) if match else None
     if proc.returncode != 0:
         status = "FINDING"

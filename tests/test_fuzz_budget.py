@@ -59,10 +59,14 @@ def test_run_all_summarises_and_fails_on_a_finding(
         "print('inputs run: 3')\nraise AssertionError('S9-9')\n"
     )
     (tmp_path / "fuzz_silent.py").write_text("pass\n")
+    (tmp_path / "fuzz_libfuzzer.py").write_text(  # an atheris run whose own count was lost
+        "import sys\nprint('Done 42 runs in 1 second(s)', file=sys.stderr)\n"
+    )
     assert run_all.main(["--seconds", "0.1", "--dir", str(tmp_path), "--jobs", "2"]) == 1
     out = capsys.readouterr().out
     assert "fuzz_fine" in out
     assert "FINDING" in out
     assert "NO COUNT" in out
     assert "S9-9" in out
+    assert any("fuzz_libfuzzer" in line and " 42 " in line for line in out.splitlines())
     assert run_all.main(["--seconds", "0.1", "--dir", str(tmp_path), "fine"]) == 0
