@@ -684,6 +684,7 @@ async def _random_schedule(mark: int, actions: list[tuple[object, ...]]) -> None
     senders: list[tuple[tuple[int, int], _Outcome]] = []
     receivers: list[_Outcome] = []
     uid = 0
+    closed: set[int] = set()  # ids of the handles this schedule closed
     largest = 0
 
     async def do_send(
@@ -733,17 +734,21 @@ async def _random_schedule(mark: int, actions: list[tuple[object, ...]]) -> None
                 if active:
                     active[int(action[1]) % len(active)].scope.cancel()  # type: ignore[call-overload]
             elif kind == "clone_send":
-                open_sends = [s for s in sends if not s._closed]
+                open_sends = [s for s in sends if id(s) not in closed]
                 if open_sends:
                     sends.append(open_sends[0].clone())
             elif kind == "clone_recv":
-                open_recvs = [r for r in recvs if not r._closed]
+                open_recvs = [r for r in recvs if id(r) not in closed]
                 if open_recvs:
                     recvs.append(open_recvs[0].clone())
             elif kind == "close_send":
-                sends[int(action[1]) % len(sends)].close()  # type: ignore[call-overload]
+                handle = sends[int(action[1]) % len(sends)]  # type: ignore[call-overload]
+                handle.close()
+                closed.add(id(handle))
             else:
-                recvs[int(action[1]) % len(recvs)].close()  # type: ignore[call-overload]
+                handle = recvs[int(action[1]) % len(recvs)]  # type: ignore[call-overload]
+                handle.close()
+                closed.add(id(handle))
             await trio.testing.wait_all_tasks_blocked()
             stats = send0.statistics()
             # Every unfinished task is parked, and the core counts exactly those (S2-12).
@@ -757,7 +762,7 @@ async def _random_schedule(mark: int, actions: list[tuple[object, ...]]) -> None
             s.close()
         await trio.testing.wait_all_tasks_blocked()
         drained: list[tuple[int, int]] = []
-        open_recvs = [r for r in recvs if not r._closed]
+        open_recvs = [r for r in recvs if id(r) not in closed]
         if open_recvs:
             while True:
                 try:
