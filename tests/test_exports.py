@@ -45,6 +45,11 @@ EXPECTED_PUBLIC = {
     "CacheRef",
     "make_cache_ref",
     "is_cache_ref",
+    # byte-budget channels
+    "open_byte_channel",
+    "ByteSendChannel",
+    "ByteReceiveChannel",
+    "ByteChannelStatistics",
     # tasks and graphs (issue 7, graph core)
     "Task",
     "TaskGraph",

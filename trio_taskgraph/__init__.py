@@ -8,6 +8,14 @@ cache and travel as small branded refs.
 Everything public is re-exported here; the modules behind it are private.
 """
 
+from ._byte_channel import (  # byte-budget channels (issue 3)
+    ByteReceiveChannel as ByteReceiveChannel,
+    ByteSendChannel as ByteSendChannel,
+    open_byte_channel as open_byte_channel,
+)
+from ._core._budget import (  # byte-budget channels (issue 3)
+    ByteChannelStatistics as ByteChannelStatistics,
+)
 from ._core._constants import (
     DEFAULT_HIGH_WATER_BYTES as DEFAULT_HIGH_WATER_BYTES,
     DEFAULT_REFERENCE_THRESHOLD_BYTES as DEFAULT_REFERENCE_THRESHOLD_BYTES,
@@ -110,6 +118,11 @@ __all__ = [
     "CacheRef",
     "make_cache_ref",
     "is_cache_ref",
+    # byte-budget channels
+    "open_byte_channel",
+    "ByteSendChannel",
+    "ByteReceiveChannel",
+    "ByteChannelStatistics",
     # tasks and graphs (issue 7, graph core)
     "Task",
     "TaskGraph",
