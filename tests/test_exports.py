@@ -45,6 +45,13 @@ EXPECTED_PUBLIC = {
     "CacheRef",
     "make_cache_ref",
     "is_cache_ref",
+    # refs and the ref walker (issue 4)
+    "collect_cache_refs",
+    "resolve_output",
+    "resolve_job_output",
+    "RefResolver",
+    "RefFilter",
+    "RefSource",
 }
 
 

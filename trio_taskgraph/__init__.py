@@ -51,6 +51,16 @@ from ._errors import (
     TaskGraphInternalError as TaskGraphInternalError,
     WireFormatError as WireFormatError,
 )
+
+# refs and the ref walker (issue 4)
+from ._resolve import (
+    RefFilter as RefFilter,
+    RefResolver as RefResolver,
+    RefSource as RefSource,
+    collect_cache_refs as collect_cache_refs,
+    resolve_job_output as resolve_job_output,
+    resolve_output as resolve_output,
+)
 from ._version import __version__ as __version__
 
 __all__ = [
@@ -90,6 +100,13 @@ __all__ = [
     "CacheRef",
     "make_cache_ref",
     "is_cache_ref",
+    # refs and the ref walker (issue 4)
+    "collect_cache_refs",
+    "resolve_output",
+    "resolve_job_output",
+    "RefResolver",
+    "RefFilter",
+    "RefSource",
 ]
 
 
