@@ -177,7 +177,11 @@ def _default(obj: object) -> object:
         raise WireFormatError(
             f"cannot encode a {type(obj).__name__} on the wire (no msgpack type; send a list)"
         )
-    raise WireFormatError(f"cannot encode a {type(obj).__name__} on the wire")
+    if isinstance(obj, int):
+        raise WireFormatError(
+            f"cannot encode int {obj}: out of msgpack's range (-2**63 .. 2**64-1)"
+        )
+    raise WireFormatError(f"cannot encode an object of type {type(obj).__name__} on the wire")
 
 
 def packb(obj: object) -> bytes:
@@ -196,7 +200,7 @@ def packb(obj: object) -> bytes:
         out: bytes = msgpack.packb(obj, default=_default, use_bin_type=True)
     except WireFormatError:
         raise
-    except OverflowError as exc:
+    except OverflowError as exc:  # pragma: no cover - msgpack hands big ints to _default
         raise WireFormatError(f"cannot encode an int out of msgpack's range: {exc}") from None
     except UnicodeEncodeError as exc:
         raise WireFormatError(f"cannot encode a str that is not valid UTF-8: {exc}") from None
