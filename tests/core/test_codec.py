@@ -4,6 +4,7 @@ The wire codec and the frame decoder (spec/S5-wire-and-server.md, S5-1 .. S5-5).
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import struct
 import tracemalloc
@@ -115,7 +116,7 @@ def test_tuples_and_dict_subclasses_are_documented_conversions() -> None:
 
 def test_scalar_keys_round_trip_and_container_keys_are_refused() -> None:
     """S5-2"""
-    value = {1: "a", b"k": "b", None: "c", 2.5: "d", True: "e", tg.CacheRef("r"): "f"}
+    value = {1: "a", b"k": "b", None: "c", 2.5: "d", False: "e", tg.CacheRef("r"): "f"}
     assert wire.unpackb(wire.packb(value)) == value
     assert_wire_error(wire.packb({(1, 2): "x"}), "map key")
 
@@ -328,10 +329,8 @@ def test_truncated_values_are_refused(value: object, data: st.DataObject) -> Non
 @given(st.binary(max_size=64))
 def test_garbage_raises_only_wire_format_errors(data: bytes) -> None:
     """S5-3 (property): the decoder raises WireFormatError or returns a value."""
-    try:
+    with contextlib.suppress(tg.WireFormatError):
         wire.unpackb(data)
-    except tg.WireFormatError:
-        pass
 
 
 @pytest.mark.parametrize(
