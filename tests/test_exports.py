@@ -66,6 +66,13 @@ EXPECTED_PUBLIC = {
     "RunPrivateRepository",
     "RepositoryStats",
     "GcReport",
+    # refs and the ref walker (issue 4)
+    "collect_cache_refs",
+    "resolve_output",
+    "resolve_job_output",
+    "RefResolver",
+    "RefFilter",
+    "RefSource",
 }
 
 

@@ -72,6 +72,16 @@ from ._repository import (
     RepositoryStats as RepositoryStats,
     RunPrivateRepository as RunPrivateRepository,
 )
+
+# refs and the ref walker (issue 4)
+from ._resolve import (
+    RefFilter as RefFilter,
+    RefResolver as RefResolver,
+    RefSource as RefSource,
+    collect_cache_refs as collect_cache_refs,
+    resolve_job_output as resolve_job_output,
+    resolve_output as resolve_output,
+)
 from ._task import (  # tasks and graphs (issue 7, graph core)
     RunConfig as RunConfig,
     Task as Task,
@@ -139,6 +149,13 @@ __all__ = [
     "RunPrivateRepository",
     "RepositoryStats",
     "GcReport",
+    # refs and the ref walker (issue 4)
+    "collect_cache_refs",
+    "resolve_output",
+    "resolve_job_output",
+    "RefResolver",
+    "RefFilter",
+    "RefSource",
 ]
 
 

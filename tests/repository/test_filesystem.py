@@ -421,3 +421,30 @@ async def test_cancel_while_a_batch_is_being_written(
     assert _published(folder) == []
     assert (await repo.stats()).blobs == 0
     await repo.aclose()
+
+
+@pytest.mark.parametrize("kind", ["memory", "filesystem"])
+async def test_rows_beyond_wire_defaults_read_back(tmp_path: Path, kind: str) -> None:
+    """S4-2: a row the repository accepted always reads back, even past the wire codec's
+    default peer limits (64 MiB frames, 2**20-item containers): rows are our own writing."""
+    from trio_taskgraph._core._codec import DEFAULT_MAX_CONTAINER_LEN, DEFAULT_MAX_FRAME_BYTES
+
+    repo: tg.MemoryOutputRepository | tg.FsOutputRepository = (
+        tg.MemoryOutputRepository() if kind == "memory" else tg.FsOutputRepository(tmp_path / "r")
+    )
+    output = {
+        "blob": tg.Blob(b"x" * (DEFAULT_MAX_FRAME_BYTES + 1)),
+        "items": [0] * (DEFAULT_MAX_CONTAINER_LEN + 1),
+    }
+    await repo.save_output("t", {"k": 1}, output)
+    assert await repo.get_output("t", {"k": 1}) == output
+    await repo.aclose()
+
+
+async def test_unstorable_output_is_a_type_error(tmp_path: Path) -> None:
+    """S4-2: a value no row can hold is refused before anything is written."""
+    repo = tg.FsOutputRepository(tmp_path / "r")
+    with pytest.raises(TypeError, match="cannot be stored"):
+        await repo.save_output("t", {}, {"bad": object()})
+    assert await repo.get_output("t", {}) is None
+    await repo.aclose()

@@ -1,59 +1,649 @@
 """
-msgpack encoding with ext types for `CacheRef` and `Blob`.
+The wire codec: msgpack values with ext types for `CacheRef` and `Blob`, strict limits, and a
+sans-io frame decoder (h11's shape) for the cache server and its client.
 
-(First cut: the limits and the sans-io `FrameDecoder` land with the wire issue.)
+Rules (spec/S5-wire-and-server.md):
+
+- S5-1: values. ``None``, ``bool``, ``int`` (-2**63 .. 2**64-1), ``float``, ``str``, bytes-like
+  (decoded as ``bytes``), lists and tuples (both decoded as ``list``: a tuple, namedtuple
+  included, does not survive as a tuple), dicts (any ``dict`` subclass decodes as ``dict``),
+  `CacheRef` (ext type 1) and `Blob` (ext type 2), which decode as themselves. Anything else
+  (``set``, ``frozenset``, class instances, out-of-range ints, lone surrogates, cycles, nesting
+  msgpack cannot pack) makes `packb` raise `WireFormatError`, never a bare ``TypeError``.
+- S5-2: map keys are scalars: ``str``, ``bytes``, ``int``, ``float``, ``bool``, ``None`` (and
+  the hashable `CacheRef` and `Blob`). A tuple key packs as an array, which is unhashable
+  once decoded, so the decoder refuses it (`WireFormatError`); do not send container keys.
+- S5-3: limits. Decoding checks, and names in the error, each of: total size (``max_bytes``,
+  a frame's length), nesting depth (``max_depth``: ``[]`` is depth 1, a scalar depth 0),
+  container length (``max_container_len``, arrays and maps), string and binary length
+  (``max_str_len``, ``max_bin_len``), ext types (only 1 and 2; msgpack's own timestamp type
+  -1 included in the refusal), and the shape of each ext payload. Every broken rule raises
+  `WireFormatError`; nothing else escapes the decoder.
+- S5-4: frames. A frame is a 4-byte big-endian unsigned length ``N`` (1 <= N <=
+  ``max_frame_bytes``) followed by exactly ``N`` bytes holding one msgpack value. A declared
+  length over the limit (or zero) is refused as soon as its header arrives, before any of
+  its body is buffered.
+- S5-5: the decoder is sans-io (`FrameDecoder.receive_data` / `FrameDecoder.next_frame`);
+  ``receive_data(b"")`` means EOF. A clean EOF between frames yields `CLOSED`; EOF inside a
+  frame is a `WireFormatError` (truncated frame). After any error the decoder refuses all
+  further calls with `WireFormatError`.
+
+Ext payloads (both are msgpack arrays inside the ext body):
+
+- ``EXT_CACHE_REF = 1``: ``[ref: str, size: int | nil, mime: str | nil]``; the ext code is the
+  brand on the wire, and the fields are validated exactly as `CacheRef` does (S3-2).
+- ``EXT_BLOB = 2``: ``[mime: str | nil, data: bin]``.
+
+Theory of operation: msgpack's C unpacker enforces the length limits (``max_*_len``) before it
+allocates, and our ``ext_hook`` validates ext payloads. Two rules it cannot check, nesting
+depth and msgpack's built-in timestamp ext, are checked after decoding, cheaply: a value can
+only be deeper than ``max_depth`` if the data holds more than ``max_depth`` bytes that could be
+container headers (counted in one C-level ``bytes.translate`` pass, skipped entirely for data
+no longer than ``max_depth``), and can only hold a timestamp if the data contains ``0xff``
+right after one of the eleven timestamp-shaped ext headers. Only when a bound fails is the
+decoded value walked (iteratively) to check exactly. Small messages under the default limits
+take an inlined path (`unpackb`) that skips everything msgpack already guarantees.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import functools
+import struct
+from typing import Final, final
 
+import attrs
 import msgpack
 
 from .._errors import WireFormatError
 from ._events import Blob
 from ._refs import CacheRef
 
-__all__ = ["EXT_BLOB", "EXT_CACHE_REF", "packb", "unpackb"]
+__all__ = [
+    "CLOSED",
+    "DEFAULT_MAX_CONTAINER_LEN",
+    "DEFAULT_MAX_DEPTH",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "EXT_BLOB",
+    "EXT_CACHE_REF",
+    "FRAME_HEADER_SIZE",
+    "NEED_DATA",
+    "FrameDecoder",
+    "WireLimits",
+    "encode_frame",
+    "packb",
+    "unpackb",
+]
 
 EXT_CACHE_REF: Final = 1
 EXT_BLOB: Final = 2
 
+#: A frame (and a value given to `unpackb`) may be at most this many bytes.
+DEFAULT_MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
+#: Deepest nesting of arrays and maps accepted (``[]`` is depth 1).
+DEFAULT_MAX_DEPTH: Final = 512
+#: Longest array or map accepted (items, or key/value pairs).
+DEFAULT_MAX_CONTAINER_LEN: Final = 1 << 20
+#: Bytes of the length prefix of a frame.
+FRAME_HEADER_SIZE: Final = 4
+
+_HEADER: Final = struct.Struct(">I")
+_MAX_FRAME_LENGTH: Final = (1 << 32) - 1  # what a 4-byte prefix can declare
+
+# Bytes that can start an array or a map: fixmap 0x80-0x8f, fixarray 0x90-0x9f,
+# array16/32 0xdc/0xdd, map16/32 0xde/0xdf. Everything else is deleted by translate().
+_CONTAINER_HEADERS: Final = frozenset(range(0x80, 0xA0)) | frozenset(range(0xDC, 0xE0))
+_NOT_CONTAINER_HEADERS: Final = bytes(b for b in range(256) if b not in _CONTAINER_HEADERS)
+# Every encoding msgpack decodes as its timestamp (ext type -1, byte 0xff, with a 4, 8 or
+# 12-byte payload): fixext4, fixext8, and ext8/16/32 with those lengths. Any other length
+# for type -1 is a decode error already. (fuzz_codec found the ext8/16/32 forms.)
+_TIMESTAMP_HEADERS: Final = (
+    b"\xd6\xff",
+    b"\xd7\xff",
+    *(b"\xc7" + bytes([n]) + b"\xff" for n in (4, 8, 12)),
+    *(b"\xc8" + struct.pack(">H", n) + b"\xff" for n in (4, 8, 12)),
+    *(b"\xc9" + struct.pack(">I", n) + b"\xff" for n in (4, 8, 12)),
+)
+
+
+@final
+class _Sentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+    def __reduce__(self) -> str:
+        return self._name
+
+
+#: `FrameDecoder.next_frame` returns this when it needs more data to finish a frame.
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+#: `FrameDecoder.next_frame` returns this after a clean EOF between frames.
+CLOSED: Final = _Sentinel("CLOSED")
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attribute.name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be >= 1, got {value}")
+
+
+def _non_negative(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attribute.name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def _frame_limit(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    _positive(instance, attribute, value)
+    assert isinstance(value, int)
+    if value > _MAX_FRAME_LENGTH:
+        raise ValueError(f"{attribute.name} must be < 2**32 (a 4-byte length), got {value}")
+
+
+@final
+@attrs.frozen(kw_only=True)
+class WireLimits:
+    """
+    The decoding limits (S5-3). ``max_str_len`` and ``max_bin_len`` default to
+    ``max_bytes``; a ``Blob`` payload is bounded by ``max_bin_len``, a `CacheRef` by its own
+    rules (S3-2).
+    """
+
+    max_bytes: int = attrs.field(default=DEFAULT_MAX_FRAME_BYTES, validator=_frame_limit)
+    max_depth: int = attrs.field(default=DEFAULT_MAX_DEPTH, validator=_non_negative)
+    max_container_len: int = attrs.field(default=DEFAULT_MAX_CONTAINER_LEN, validator=_non_negative)
+    max_str_len: int = attrs.field(
+        default=attrs.Factory(lambda self: self.max_bytes, takes_self=True),
+        validator=_non_negative,
+    )
+    max_bin_len: int = attrs.field(
+        default=attrs.Factory(lambda self: self.max_bytes, takes_self=True),
+        validator=_non_negative,
+    )
+
+
+_DEFAULT_LIMITS: Final = WireLimits()
+_msgpack_unpackb: Final = msgpack.unpackb
+_msgpack_packb: Final = msgpack.packb
+
+
+# --- encoding --------------------------------------------------------------------------------
+
 
 def _default(obj: object) -> object:
-    if isinstance(obj, CacheRef):
-        return msgpack.ExtType(
-            EXT_CACHE_REF, msgpack.packb([obj.ref, obj.size, obj.mime], use_bin_type=True)
+    if type(obj) is CacheRef:
+        return msgpack.ExtType(EXT_CACHE_REF, _msgpack_packb([obj.ref, obj.size, obj.mime]))
+    if type(obj) is Blob:
+        return msgpack.ExtType(EXT_BLOB, _msgpack_packb([obj.mime, obj.data]))
+    # Invariant (S5-1): what we cannot encode is a WireFormatError, never a bare TypeError.
+    if isinstance(obj, set | frozenset):
+        raise WireFormatError(
+            f"cannot encode a {type(obj).__name__} on the wire (no msgpack type; send a list)"
         )
-    if isinstance(obj, Blob):
-        return msgpack.ExtType(EXT_BLOB, msgpack.packb([obj.mime, obj.data], use_bin_type=True))
-    raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
-
-
-def _ext_hook(code: int, data: bytes) -> object:
-    try:
-        if code == EXT_CACHE_REF:
-            ref, size, mime = msgpack.unpackb(data, raw=False)
-            return CacheRef(ref, size, mime)
-        if code == EXT_BLOB:
-            mime, payload = msgpack.unpackb(data, raw=False)
-            return Blob(payload, mime)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise WireFormatError(f"malformed payload for ext type {code}: {exc}") from None
-    raise WireFormatError(f"unknown ext type {code}")
+    if isinstance(obj, int):
+        raise WireFormatError(
+            f"cannot encode int {obj}: out of msgpack's range (-2**63 .. 2**64-1)"
+        )
+    raise WireFormatError(f"cannot encode an object of type {type(obj).__name__} on the wire")
 
 
 def packb(obj: object) -> bytes:
-    """Encode ``obj`` (tuples become lists; `CacheRef` and `Blob` keep their types)."""
-    out: bytes = msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=False)
+    """
+    Encode ``obj`` as one msgpack value.
+
+    Tuples (namedtuples too) become arrays and decode as lists; bytes-like values decode as
+    ``bytes``; `CacheRef` and `Blob` keep their types (S5-1).
+
+    Raises:
+        WireFormatError: ``obj`` holds a value the wire cannot carry (a set, a class
+            instance, an int out of msgpack's range, a lone surrogate, a cycle, nesting
+            deeper than msgpack packs); the message names it.
+    """
+    try:
+        out: bytes = _msgpack_packb(obj, default=_default)
+    except WireFormatError:
+        raise
+    except OverflowError as exc:  # pragma: no cover - msgpack hands big ints to _default
+        raise WireFormatError(f"cannot encode an int out of msgpack's range: {exc}") from None
+    except UnicodeEncodeError as exc:
+        raise WireFormatError(f"cannot encode a str that is not valid UTF-8: {exc}") from None
+    except ValueError as exc:
+        # msgpack's "recursion limit exceeded": a cycle or very deep nesting.
+        raise WireFormatError(f"cannot encode: nesting too deep or cyclic ({exc})") from None
+    except TypeError as exc:  # pragma: no cover - _default raises for every unknown type
+        raise WireFormatError(f"cannot encode: {exc}") from None
     return out
 
 
-def unpackb(data: bytes) -> object:
-    """Decode one msgpack value; any malformed input raises `WireFormatError`."""
+# --- decoding --------------------------------------------------------------------------------
+
+
+def _ext_value(code: int, fields: object) -> object:
+    # Invariant (S5-3): a well-formed payload for a known ext type, validated as the type's
+    # own constructor does (S3-2 for refs).
+    if code == 1:  # EXT_CACHE_REF
+        if type(fields) is list and len(fields) == 3:
+            try:
+                return CacheRef(*fields)
+            except (TypeError, ValueError) as exc:
+                raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
+        raise WireFormatError("malformed CacheRef ext payload: want [ref, size, mime]")
+    if type(fields) is list and len(fields) == 2 and type(fields[1]) is bytes:
+        try:
+            return Blob(fields[1], fields[0])
+        except (TypeError, ValueError) as exc:
+            raise WireFormatError(f"malformed Blob ext payload: {exc}") from None
+    raise WireFormatError("malformed Blob ext payload: want [mime, data: bin]")
+
+
+def _ext_hook(code: int, data: bytes) -> object:
+    """The ext hook for data no longer than every length limit (msgpack's own bounds)."""
+    if code == 1:  # EXT_CACHE_REF, inlined: it is on the hot path of every ref message
+        try:
+            fields = _msgpack_unpackb(data)
+        except (ValueError, TypeError) as exc:
+            raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
+        if type(fields) is list and len(fields) == 3:
+            try:
+                return CacheRef(fields[0], fields[1], fields[2])
+            except (TypeError, ValueError) as exc:
+                raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
+        raise WireFormatError("malformed CacheRef ext payload: want [ref, size, mime]")
+    # Invariant (S5-3): known ext types only.
+    if code != 2:
+        raise WireFormatError(f"unknown ext type {code} (known: {EXT_CACHE_REF}, {EXT_BLOB})")
     try:
-        return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False)
+        fields = _msgpack_unpackb(data)
+    except (ValueError, TypeError) as exc:
+        raise WireFormatError(f"malformed Blob ext payload: {exc}") from None
+    return _ext_value(code, fields)
+
+
+def _limited_ext_hook(limits: WireLimits, code: int, data: bytes) -> object:
+    """The ext hook under explicit limits: strings and binaries in a payload obey them."""
+    if code != 1 and code != 2:
+        raise WireFormatError(f"unknown ext type {code} (known: {EXT_CACHE_REF}, {EXT_BLOB})")
+    try:
+        fields = _msgpack_unpackb(
+            data,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=3,
+            max_map_len=3,
+        )
+    except (ValueError, TypeError) as exc:
+        name = "CacheRef" if code == 1 else "Blob"
+        raise _translate_unpack_error(exc, f"malformed {name} ext payload: ") from None
+    return _ext_value(code, fields)
+
+
+def _translate_unpack_error(exc: Exception, prefix: str = "") -> WireFormatError:
+    """Name the rule a msgpack exception stands for (S5-3)."""
+    error = _name_the_rule(exc)
+    if prefix:
+        return WireFormatError(f"{prefix}{error}")
+    return error
+
+
+def _name_the_rule(exc: Exception) -> WireFormatError:
+    text = str(exc)
+    if isinstance(exc, msgpack.StackError):
+        return WireFormatError("nesting too deep for the decoder (max_depth)")
+    if isinstance(exc, msgpack.ExtraData):
+        return WireFormatError("trailing bytes after the value (one value per frame)")
+    if isinstance(exc, msgpack.FormatError):
+        return WireFormatError("malformed msgpack (reserved type byte 0xc1)")
+    if "exceeds max_str_len" in text:
+        return WireFormatError(f"string too long (max_str_len): {text}")
+    if "exceeds max_bin_len" in text:
+        return WireFormatError(f"binary too long (max_bin_len): {text}")
+    if "exceeds max_array_len" in text or "exceeds max_map_len" in text:
+        return WireFormatError(f"container too long (max_container_len): {text}")
+    if "exceeds max_ext_len" in text:
+        return WireFormatError(f"ext payload too long (max_bin_len): {text}")
+    if isinstance(exc, UnicodeDecodeError):
+        return WireFormatError(f"string is not valid UTF-8: {exc}")
+    if isinstance(exc, TypeError):
+        return WireFormatError(f"map key is not a scalar (unhashable once decoded): {text}")
+    if "incomplete" in text:
+        return WireFormatError("truncated value (incomplete msgpack)")
+    if "timestamp" in text.lower():
+        # msgpack's own ext type -1 with a payload length it cannot read.
+        return WireFormatError(f"unknown ext type -1 (known: {EXT_CACHE_REF}, {EXT_BLOB})")
+    return WireFormatError(f"malformed msgpack: {text}")  # pragma: no cover - any other
+
+
+def _deeper_than(value: object, max_depth: int) -> bool:
+    """True when arrays and maps in ``value`` nest more than ``max_depth`` deep."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        tp = type(node)
+        if tp is list:
+            items = node
+        elif tp is dict:
+            items = node.values()  # type: ignore[attr-defined]
+        else:
+            continue
+        if depth > max_depth:
+            return True
+        stack.extend((c, depth + 1) for c in items if type(c) is list or type(c) is dict)  # type: ignore[attr-defined]
+    return False
+
+
+def _holds_timestamp(value: object) -> bool:
+    stack: list[object] = [value]
+    while stack:
+        node = stack.pop()
+        tp = type(node)
+        if tp is list:
+            stack.extend(node)  # type: ignore[arg-type]
+        elif tp is dict:
+            stack.extend(node.values())  # type: ignore[attr-defined]
+            stack.extend(node.keys())  # type: ignore[attr-defined]
+        elif tp is msgpack.Timestamp:
+            return True
+    return False
+
+
+def _timestamp_in(data: bytes, value: object) -> bool:
+    """Exact check, for data that holds a 0xff byte: could it, and does it, hold one?"""
+    return any(h in data for h in _TIMESTAMP_HEADERS) and _holds_timestamp(value)
+
+
+def _decode(data: bytes, limits: WireLimits) -> object:
+    size = len(data)
+    if size > limits.max_bytes:
+        raise WireFormatError(f"value is {size} bytes; max_bytes is {limits.max_bytes}")
+    try:
+        if (
+            size <= limits.max_container_len
+            and size <= limits.max_str_len
+            and size <= limits.max_bin_len
+        ):
+            # No string, binary, ext payload or container can be longer than the data
+            # itself (one byte per item at least), and msgpack already bounds them all by
+            # len(data): passing our limits would check nothing more.
+            value = _msgpack_unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+        else:
+            max_len = limits.max_container_len
+            value = msgpack.unpackb(
+                data,
+                ext_hook=functools.partial(_limited_ext_hook, limits),
+                strict_map_key=False,
+                max_str_len=limits.max_str_len,
+                max_bin_len=limits.max_bin_len,
+                max_array_len=max_len,
+                max_map_len=max_len,
+                # A Blob payload is its data plus a small header (its mime included).
+                max_ext_len=limits.max_bin_len + limits.max_str_len + 16,
+            )
     except WireFormatError:
         raise
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise WireFormatError(f"malformed msgpack: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise _translate_unpack_error(exc) from None
+    # Invariant (S5-3): depth, checked exactly only when the cheap bound fails.
+    max_depth = limits.max_depth
+    if (
+        size > max_depth
+        and len(data.translate(None, _NOT_CONTAINER_HEADERS)) > max_depth
+        and _deeper_than(value, max_depth)
+    ):
+        raise WireFormatError(f"nesting deeper than max_depth ({max_depth})")
+    # Invariant (S5-3): msgpack decodes ext type -1 itself (no ext_hook): refuse it too.
+    if 0xFF in data and _timestamp_in(data, value):
+        raise WireFormatError(f"unknown ext type -1 (known: {EXT_CACHE_REF}, {EXT_BLOB})")
+    return value
+
+
+def unpackb(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_container_len: int = DEFAULT_MAX_CONTAINER_LEN,
+    max_str_len: int | None = None,
+    max_bin_len: int | None = None,
+) -> object:
+    """
+    Decode exactly one msgpack value from ``data``, enforcing every wire rule (S5-3).
+
+    Args:
+        data: the encoded value (no frame header).
+        max_bytes: ``data`` may be at most this long.
+        max_depth: arrays and maps may nest at most this deep (``[]`` is depth 1).
+        max_container_len: arrays and maps may hold at most this many items / pairs.
+        max_str_len: strings may be at most this many bytes (default: ``max_bytes``).
+        max_bin_len: binaries may be at most this many bytes (default: ``max_bytes``).
+
+    Returns:
+        The value; `CacheRef` and `Blob` decode as themselves, arrays as lists.
+
+    Raises:
+        WireFormatError: ``data`` breaks a rule (the message names it): too large, too deep,
+            a container or string too long, an unknown ext type, a malformed ext payload,
+            truncated or trailing bytes, invalid UTF-8, a container map key.
+    """
+    if (
+        type(data) is bytes
+        and max_bytes is DEFAULT_MAX_FRAME_BYTES
+        and max_depth is DEFAULT_MAX_DEPTH
+        and max_container_len is DEFAULT_MAX_CONTAINER_LEN
+        and max_str_len is None
+        and max_bin_len is None
+        and len(data) <= DEFAULT_MAX_DEPTH
+    ):
+        # The hot path (small messages, default limits), inlined: every rule still holds.
+        # Data no longer than max_depth cannot nest deeper, is far below every length limit
+        # (msgpack bounds lengths by len(data)), and only the timestamp check remains.
+        try:
+            value = _msgpack_unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+        except WireFormatError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise _translate_unpack_error(exc) from None
+        if 0xFF in data and _timestamp_in(data, value):
+            raise WireFormatError(f"unknown ext type -1 (known: {EXT_CACHE_REF}, {EXT_BLOB})")
+        return value
+    if (
+        max_bytes is DEFAULT_MAX_FRAME_BYTES
+        and max_depth is DEFAULT_MAX_DEPTH
+        and max_container_len is DEFAULT_MAX_CONTAINER_LEN
+        and max_str_len is None
+        and max_bin_len is None
+    ):
+        limits = _DEFAULT_LIMITS
+    else:
+        try:
+            limits = WireLimits(
+                max_bytes=max_bytes,
+                max_depth=max_depth,
+                max_container_len=max_container_len,
+                max_str_len=max_bytes if max_str_len is None else max_str_len,
+                max_bin_len=max_bytes if max_bin_len is None else max_bin_len,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"bad wire limits: {exc}") from None
+    if type(data) is not bytes:
+        if not isinstance(data, bytearray | memoryview):
+            raise WireFormatError(f"can only decode bytes-like data, not {type(data).__name__}")
+        data = bytes(data)
+    return _decode(data, limits)
+
+
+# --- frames ----------------------------------------------------------------------------------
+
+
+def encode_frame(obj: object, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+    """
+    Encode ``obj`` as one frame: a 4-byte big-endian length, then the msgpack value (S5-4).
+
+    Raises:
+        WireFormatError: ``obj`` cannot be encoded (see `packb`), or its encoding is longer
+            than ``max_frame_bytes`` (a peer with the same limit would refuse it).
+    """
+    body = packb(obj)
+    if len(body) > max_frame_bytes or len(body) > _MAX_FRAME_LENGTH:
+        raise WireFormatError(
+            f"frame body is {len(body)} bytes; max_frame_bytes is {max_frame_bytes}"
+        )
+    return _HEADER.pack(len(body)) + body
+
+
+@final
+class FrameDecoder:
+    """
+    A sans-io decoder of length-prefixed msgpack frames (S5-4, S5-5), in h11's shape.
+
+    Feed it bytes as they arrive with `receive_data` (``b""`` means EOF), then call
+    `next_frame` until it returns `NEED_DATA` (or `CLOSED` after a clean EOF)::
+
+        decoder = FrameDecoder()
+        while True:
+            frame = decoder.next_frame()
+            if frame is NEED_DATA:
+                decoder.receive_data(await stream.receive_some(65536))
+            elif frame is CLOSED:
+                break
+            else:
+                handle(frame)
+
+    Every declared frame length is checked the moment its 4-byte header is buffered, so a
+    huge declared length is refused before any of its body is kept. Frames are decoded with
+    the same rules as `unpackb` (its ``max_bytes`` is the frame limit).
+
+    Any exception other than `WireFormatError` escaping this class is a bug (the fuzz
+    harness ``fuzz/fuzz_codec.py`` checks exactly that). After the first `WireFormatError`
+    the decoder is broken: every later call raises `WireFormatError` again.
+    """
+
+    __slots__ = ("_buffer", "_eof", "_error", "_limits", "_scanned", "_start")
+
+    def __init__(
+        self,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_container_len: int = DEFAULT_MAX_CONTAINER_LEN,
+        max_str_len: int | None = None,
+        max_bin_len: int | None = None,
+    ) -> None:
+        self._limits = WireLimits(
+            max_bytes=max_frame_bytes,
+            max_depth=max_depth,
+            max_container_len=max_container_len,
+            max_str_len=max_frame_bytes if max_str_len is None else max_str_len,
+            max_bin_len=max_frame_bytes if max_bin_len is None else max_bin_len,
+        )
+        self._buffer = bytearray()
+        self._start = 0  # offset of the first unconsumed byte
+        self._scanned = 0  # offset of the first frame header not yet checked
+        self._eof = False
+        self._error: WireFormatError | None = None
+
+    @property
+    def limits(self) -> WireLimits:
+        """The limits this decoder enforces."""
+        return self._limits
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buffer) - self._start
+
+    @property
+    def broken(self) -> bool:
+        """True once the decoder has raised: every later call raises too."""
+        return self._error is not None
+
+    def _fail(self, message: str) -> WireFormatError:
+        error = WireFormatError(message)
+        self._error = error
+        # Drop what is buffered: a broken decoder holds no memory.
+        self._buffer = bytearray()
+        self._start = self._scanned = 0
+        return error
+
+    def _check_broken(self) -> None:
+        if self._error is not None:
+            raise WireFormatError(f"decoder already failed: {self._error}")
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """
+        Buffer ``data``; ``b""`` marks EOF (the peer closed its side).
+
+        Every frame header completed by ``data`` is checked at once (S5-4).
+
+        Raises:
+            WireFormatError: a declared frame length is zero or over ``max_frame_bytes``;
+                data arrived after EOF; ``data`` is not bytes-like; or the decoder already
+                failed.
+        """
+        self._check_broken()
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise self._fail(f"receive_data needs bytes, not {type(data).__name__}")
+        if self._eof:
+            if data:
+                raise self._fail("data received after EOF")
+            return
+        if not data:
+            self._eof = True
+            return
+        self._buffer += data
+        # Invariant (S5-4): check each declared length as soon as its header is buffered.
+        buffer = self._buffer
+        limit = self._limits.max_bytes
+        scanned = self._scanned
+        end = len(buffer)
+        while scanned + FRAME_HEADER_SIZE <= end:
+            (length,) = _HEADER.unpack_from(buffer, scanned)
+            if length == 0:
+                raise self._fail("frame declares length 0 (a frame holds one value)")
+            if length > limit:
+                raise self._fail(f"frame declares {length} bytes; max_frame_bytes is {limit}")
+            scanned += FRAME_HEADER_SIZE + length
+        self._scanned = scanned
+
+    def next_frame(self) -> object:
+        """
+        Return the next decoded frame, `NEED_DATA`, or `CLOSED` (clean EOF between frames).
+
+        Raises:
+            WireFormatError: the frame breaks a wire rule, EOF arrived inside a frame, or the
+                decoder already failed.
+        """
+        self._check_broken()
+        buffer = self._buffer
+        start = self._start
+        available = len(buffer) - start
+        if available >= FRAME_HEADER_SIZE:
+            (length,) = _HEADER.unpack_from(buffer, start)
+            end = start + FRAME_HEADER_SIZE + length
+            if end <= len(buffer):
+                with memoryview(buffer) as view:  # one copy of the body, not two
+                    body = bytes(view[start + FRAME_HEADER_SIZE : end])
+                self._start = end
+                if end == len(buffer):
+                    # Everything consumed: reset instead of compacting.
+                    self._buffer = bytearray()
+                    self._start = 0
+                    self._scanned -= end
+                elif end > 65536 and end * 2 > len(buffer):
+                    del buffer[:end]
+                    self._start = 0
+                    self._scanned -= end
+                try:
+                    return _decode(body, self._limits)
+                except WireFormatError as exc:
+                    raise self._fail(str(exc)) from None
+        if self._eof:
+            if available == 0:
+                return CLOSED
+            raise self._fail(f"truncated frame: EOF after {available} bytes of a frame")
+        return NEED_DATA

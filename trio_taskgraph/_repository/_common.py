@@ -13,7 +13,7 @@ import trio
 from .._core._codec import packb, unpackb
 from .._core._events import chunk_size
 from .._core._refs import CacheRef
-from .._errors import ForeignRefError, RepositoryError
+from .._errors import ForeignRefError, RepositoryError, WireFormatError
 
 if TYPE_CHECKING:
     from .._core._events import BytesLike
@@ -65,13 +65,20 @@ def encode_row(output: Mapping[str, object]) -> bytes:
     for key in output:
         if not isinstance(key, str):
             raise TypeError(f"output keys must be str, not {type(key).__name__}")
-    return packb(dict(output))
+    try:
+        return packb(dict(output))
+    except WireFormatError as exc:
+        # The caller handed us a value no row can hold: a type error on their side.
+        raise TypeError(f"output cannot be stored: {exc}") from None
 
 
 def decode_row(data: bytes) -> dict[str, object]:
     """Decode a stored row; a row that does not decode to a dict is a `RepositoryError`."""
+    # Rows are our own writing, not input from a peer: size the wire limits to the row, so
+    # any row `encode_row` accepted reads back (a 100 MiB inline blob, a 2M-item list).
+    size = max(len(data), 1)
     try:
-        value = unpackb(data)
+        value = unpackb(data, max_bytes=size, max_container_len=size)
     except ValueError as exc:
         raise RepositoryError(f"corrupt row: {exc}") from None
     if not isinstance(value, dict):
