@@ -132,3 +132,28 @@ def ref_graphs(draw: st.DrawFn, *, cycles: bool = True) -> object:
 
 
 __all__ += ["Pair", "cache_refs", "fake_refs", "hashable_leaves", "ref_graphs", "ref_trees"]
+
+
+#: Values the wire carries (S5-1): scalars, refs, blobs, lists, tuples, dicts with scalar keys.
+wire_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
+    st.binary(max_size=12),
+    cache_refs,
+    st.builds(_Blob, st.binary(max_size=12), st.none() | st.just("image/png")),
+)
+wire_values = st.recursive(
+    wire_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.lists(children, max_size=5).map(tuple),
+        st.dictionaries(st.text(max_size=5), children, max_size=5),
+        st.dictionaries(st.integers(-5, 5) | st.binary(max_size=3), children, max_size=3),
+    ),
+    max_leaves=30,
+)
+
+__all__ += ["wire_scalars", "wire_values"]

@@ -1,0 +1,544 @@
+"""
+The wire codec and the frame decoder (spec/S5-wire-and-server.md, S5-1 .. S5-5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import struct
+import tracemalloc
+from collections import OrderedDict
+
+import msgpack
+import pytest
+from hypothesis import given, strategies as st
+
+import trio_taskgraph as tg
+from tests.strategies import wire_values
+from trio_taskgraph import wire
+from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder, encode_frame
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def normalized(value: object) -> object:
+    """What a value decodes as (S5-1): tuples become lists, dict subclasses dicts."""
+    if isinstance(value, list | tuple):
+        return [normalized(v) for v in value]
+    if isinstance(value, dict):
+        return {k: normalized(v) for k, v in value.items()}
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    return value
+
+
+def nested_lists(depth: int) -> bytes:
+    """msgpack bytes of ``depth`` nested arrays (``[]`` is depth 1)."""
+    return b"\x91" * (depth - 1) + b"\x90"
+
+
+def nested_maps(depth: int) -> bytes:
+    return b"\x81\xa1k" * (depth - 1) + b"\x80"
+
+
+def ext(code: int, payload: bytes) -> bytes:
+    """An ext32 value by hand (msgpack's ExtType refuses negative codes)."""
+    return b"\xc9" + struct.pack(">Ib", len(payload), code) + payload
+
+
+def assert_wire_error(data: bytes, match: str = "", **limits: int) -> None:
+    with pytest.raises(tg.WireFormatError, match=match):
+        wire.unpackb(data, **limits)  # type: ignore[arg-type]
+
+
+# --- round trips (S5-1) ----------------------------------------------------------------------
+
+
+@given(wire_values)
+def test_round_trip(value: object) -> None:
+    """S5-1 (property): every wire value survives; refs and blobs keep their types."""
+    out = wire.unpackb(wire.packb(value))
+    assert out == normalized(value)
+    assert wire.packb(out) == wire.packb(value)
+
+
+def test_refs_and_blobs_keep_their_types() -> None:
+    """S5-1: the ext codes carry the brand across the process boundary."""
+    row = {
+        "image": tg.CacheRef("blobs/1.bin", 12, "image/png"),
+        "thumb": tg.Blob(b"\x89PNG", "image/png"),
+    }
+    out = wire.unpackb(wire.packb(row))
+    assert isinstance(out, dict)
+    assert type(out["image"]) is tg.CacheRef
+    assert out["image"] == row["image"]
+    assert type(out["thumb"]) is tg.Blob
+    assert out["thumb"] == row["thumb"]
+
+
+def test_blob_is_never_flattened_to_an_empty_map() -> None:
+    """
+    The seed's H-1: a Blob written to a non-streaming row came back as ``{}``. On our wire a
+    Blob (data and mime) round-trips as a Blob, inside any row.
+    """
+    blob = tg.Blob(bytes(range(256)) * 4, "application/octet-stream")
+    row = {"bytes": blob, "nested": [{"b": blob}]}
+    out = wire.unpackb(wire.packb(row))
+    assert out == row
+    assert out["nested"][0]["b"].mime == "application/octet-stream"  # type: ignore[index]
+    assert wire.unpackb(wire.packb(tg.Blob(b""))) == tg.Blob(b"")
+
+
+def test_dollar_ref_dicts_stay_dicts_on_the_wire() -> None:
+    """S3-1 over the wire: only the ext type makes a ref."""
+    fake = {"kind": "task-graph/CacheRef", "$ref": "cache://OTHER_RUN/secret"}
+    out = wire.unpackb(wire.packb({"note": fake}))
+    assert out == {"note": fake}
+    assert tg.collect_cache_refs(out) == []
+
+
+def test_tuples_and_dict_subclasses_are_documented_conversions() -> None:
+    """S5-1: tuples decode as lists, any dict as dict, bytes-like as bytes."""
+    value = {
+        "t": (1, (2, 3)),
+        "od": OrderedDict(a=1),
+        "ba": bytearray(b"x"),
+        "mv": memoryview(b"y"),
+    }
+    assert wire.unpackb(wire.packb(value)) == {
+        "t": [1, [2, 3]],
+        "od": {"a": 1},
+        "ba": b"x",
+        "mv": b"y",
+    }
+
+
+def test_scalar_keys_round_trip_and_container_keys_are_refused() -> None:
+    """S5-2"""
+    value = {1: "a", b"k": "b", None: "c", 2.5: "d", False: "e", tg.CacheRef("r"): "f"}
+    assert wire.unpackb(wire.packb(value)) == value
+    assert_wire_error(wire.packb({(1, 2): "x"}), "map key")
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ({1, 2}, "set"),
+        (frozenset({1}), "frozenset"),
+        (object(), "object"),
+        (2**64, "range"),
+        (-(2**63) - 1, "range"),
+        ("\udc80", "UTF-8"),
+        ({"k": {1}}, "set"),
+        (complex(1, 2), "complex"),
+    ],
+)
+def test_what_packb_cannot_encode_is_a_wire_format_error(value: object, match: str) -> None:
+    """S5-1: never a bare TypeError."""
+    with pytest.raises(tg.WireFormatError, match=match) as info:
+        wire.packb(value)
+    assert type(info.value) is tg.WireFormatError
+
+
+def test_cycles_and_absurd_depth_are_refused_by_packb() -> None:
+    """S5-1"""
+    cycle: list[object] = []
+    cycle.append(cycle)
+    with pytest.raises(tg.WireFormatError, match="cyclic"):
+        wire.packb(cycle)
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(tg.WireFormatError, match="deep"):
+        wire.packb(deep)
+
+
+# --- limits, at and one past the bound (S5-3) ------------------------------------------------
+
+
+def test_max_bytes() -> None:
+    """S5-3"""
+    data = wire.packb("x" * 100)
+    assert wire.unpackb(data, max_bytes=len(data)) == "x" * 100
+    assert_wire_error(data, "max_bytes", max_bytes=len(data) - 1)
+
+
+@pytest.mark.parametrize("make", [nested_lists, nested_maps])
+@pytest.mark.parametrize("limit", [1, 5, 40])
+def test_max_depth(make: object, limit: int) -> None:
+    """S5-3: depth == limit passes, limit + 1 fails, whichever way the depth is checked."""
+    at = make(limit)  # type: ignore[operator]
+    past = make(limit + 1)  # type: ignore[operator]
+    wire.unpackb(at, max_depth=limit)
+    assert_wire_error(past, "max_depth", max_depth=limit)
+    # Padded with a long string so the cheap length bound cannot decide.
+    padded_at = b"\x92" + at + msgpack.packb("p" * 200)
+    padded_past = b"\x92" + past + msgpack.packb("p" * 200)
+    wire.unpackb(padded_at, max_depth=limit + 1)
+    assert_wire_error(padded_past, "max_depth", max_depth=limit + 1)
+
+
+def test_default_max_depth() -> None:
+    """S5-3: the default bound is 512."""
+    assert wire.DEFAULT_MAX_DEPTH == 512
+    wire.unpackb(nested_lists(512))
+    assert_wire_error(nested_lists(513), "max_depth")
+    assert_wire_error(nested_lists(5000), "deep")
+
+
+def test_scalars_are_depth_zero() -> None:
+    assert wire.unpackb(msgpack.packb(1), max_depth=0) == 1
+    assert_wire_error(msgpack.packb([]), "max_depth", max_depth=0)
+
+
+def test_many_shallow_containers_pass_the_exact_depth_check() -> None:
+    """S5-3: more container headers than max_depth, but shallow: accepted."""
+    data = wire.packb([[[]] for _ in range(2000)])
+    assert len(wire.unpackb(data, max_depth=3)) == 2000  # type: ignore[arg-type]
+    assert_wire_error(data, "max_depth", max_depth=2)
+
+
+@pytest.mark.parametrize("kind", ["array", "map"])
+def test_max_container_len(kind: str) -> None:
+    """S5-3"""
+    at = msgpack.packb(list(range(3)) if kind == "array" else {str(i): i for i in range(3)})
+    past = msgpack.packb(list(range(4)) if kind == "array" else {str(i): i for i in range(4)})
+    wire.unpackb(at, max_container_len=3)
+    assert_wire_error(past, "max_container_len", max_container_len=3)
+
+
+def test_max_str_len_and_max_bin_len() -> None:
+    """S5-3"""
+    assert wire.unpackb(msgpack.packb("abc"), max_str_len=3) == "abc"
+    assert_wire_error(msgpack.packb("abcd"), "max_str_len", max_str_len=3)
+    assert wire.unpackb(msgpack.packb(b"abc"), max_bin_len=3) == b"abc"
+    assert_wire_error(msgpack.packb(b"abcd"), "max_bin_len", max_bin_len=3)
+
+
+def test_blob_payload_is_bounded_by_max_bin_len() -> None:
+    """S5-3: a Blob cannot smuggle more bytes than a bin may hold."""
+    data = wire.packb(tg.Blob(b"x" * 1000))
+    assert_wire_error(data, "max_bin_len", max_bin_len=100, max_str_len=10)
+
+
+def test_bad_limits_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="max_depth"):
+        wire.unpackb(b"\x90", max_depth=-1)
+    with pytest.raises(ValueError, match="max_bytes"):
+        wire.unpackb(b"\x90", max_bytes=0)
+    with pytest.raises(ValueError, match=r"2\*\*32"):
+        FrameDecoder(max_frame_bytes=2**32)
+
+
+# --- ext types (S5-3) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [0, 3, 42, 127, -2, -128])
+def test_unknown_ext_types(code: int) -> None:
+    """S5-3: known ext types only."""
+    assert_wire_error(ext(code, b"payload"), f"unknown ext type {code}")
+
+
+@pytest.mark.parametrize("payload_len", [4, 8, 12])
+def test_msgpack_timestamps_are_unknown_ext_types(payload_len: int) -> None:
+    """S5-3: msgpack decodes ext -1 itself; we refuse it anyway."""
+    ts = {4: msgpack.Timestamp(1), 8: msgpack.Timestamp(1, 5), 12: msgpack.Timestamp(2**40, 5)}
+    data = msgpack.packb({"at": [ts[payload_len]]})
+    assert len(ts[payload_len].to_bytes()) == payload_len
+    assert_wire_error(data, "unknown ext type -1")
+
+
+def test_timestamp_shaped_bytes_inside_a_string_are_fine() -> None:
+    """S5-3: the cheap timestamp check has false positives only, never false refusals."""
+    value = {"bin": b"\xd6\xff\x00\x00\x00\x01", "n": -1}
+    assert wire.unpackb(wire.packb(value)) == value
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (msgpack.packb(["r", 1]), "ref, size, mime"),
+        (msgpack.packb(["r", 1, None, None]), "ref, size, mime"),
+        (msgpack.packb({"ref": "r"}), "ref, size, mime"),
+        (msgpack.packb("r"), "ref, size, mime"),
+        (msgpack.packb(["", None, None]), "non-empty"),
+        (msgpack.packb(["a\x00b", None, None]), "NUL"),
+        (msgpack.packb(["x" * 1025, None, None]), "limit"),
+        (msgpack.packb(["r", -1, None]), ">= 0"),
+        (msgpack.packb(["r", True, None]), "int"),
+        (msgpack.packb(["r", 1.5, None]), "int"),
+        (msgpack.packb([b"r", None, None]), "str"),
+        (msgpack.packb(["r", None, 5]), "mime"),
+        (msgpack.packb(["r", None, None]) + b"\x00", "CacheRef"),
+        (b"\xc1", "CacheRef"),
+        (b"", "CacheRef"),
+        (msgpack.packb([msgpack.ExtType(1, b""), None, None]), "str"),
+    ],
+)
+def test_malformed_cache_ref_payloads(payload: bytes, match: str) -> None:
+    """S5-3, S3-2: a ref from the wire is validated exactly like a constructed one."""
+    assert_wire_error(ext(wire.EXT_CACHE_REF, payload), match)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        msgpack.packb([None]),
+        msgpack.packb([None, "text not bin"]),
+        msgpack.packb([5, b"x"]),
+        msgpack.packb([None, b"x", 1]),
+        msgpack.packb(b"x"),
+        b"\x92\xc0",
+        b"",
+    ],
+)
+def test_malformed_blob_payloads(payload: bytes) -> None:
+    """S5-3"""
+    assert_wire_error(ext(wire.EXT_BLOB, payload), "Blob")
+
+
+# --- malformed input (S5-3) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "truncated"),
+        (b"\xc1", "malformed"),
+        (b"\x91", "truncated"),
+        (b"\x01\x02", "trailing"),
+        (b"\xa3ab", "truncated"),
+        (b"\xa2\xff\xfe", "UTF-8"),
+        (b"\xd4", "truncated"),
+    ],
+)
+def test_malformed_msgpack(data: bytes, match: str) -> None:
+    assert_wire_error(data, match)
+
+
+@given(wire_values, st.data())
+def test_truncated_values_are_refused(value: object, data: st.DataObject) -> None:
+    """S5-3 (property): any strict prefix of an encoding is refused."""
+    encoded = wire.packb(value)
+    cut = data.draw(st.integers(0, len(encoded) - 1))
+    with pytest.raises(tg.WireFormatError):
+        wire.unpackb(encoded[:cut])
+
+
+@given(st.binary(max_size=64))
+def test_garbage_raises_only_wire_format_errors(data: bytes) -> None:
+    """S5-3 (property): the decoder raises WireFormatError or returns a value."""
+    with contextlib.suppress(tg.WireFormatError):
+        wire.unpackb(data)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\xdd\xff\xff\xff\xff",  # array32 of 4 Gi items
+        b"\xdf\xff\xff\xff\xff",  # map32
+        b"\xdb\xff\xff\xff\xff",  # str32 of 4 GiB
+        b"\xc6\xff\xff\xff\xff",  # bin32
+        b"\xc9\xff\xff\xff\xff\x01",  # ext32
+        b"\xdc\xff\xff",  # array16
+    ],
+)
+def test_huge_declared_lengths_allocate_nothing(header: bytes) -> None:
+    """S5-3: a declared length is checked before anything of that size is allocated."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(tg.WireFormatError):
+            wire.unpackb(header + b"\x00" * 16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+
+
+def test_bytes_like_input_and_non_bytes() -> None:
+    data = wire.packb([1, "x"])
+    assert wire.unpackb(bytearray(data)) == [1, "x"]
+    assert wire.unpackb(memoryview(data)) == [1, "x"]
+    with pytest.raises(tg.WireFormatError, match="bytes-like"):
+        wire.unpackb("not bytes")  # type: ignore[arg-type]
+
+
+# --- frames (S5-4, S5-5) ---------------------------------------------------------------------
+
+
+def frames_of(decoder: FrameDecoder) -> list[object]:
+    out = []
+    while (frame := decoder.next_frame()) is not NEED_DATA and frame is not CLOSED:
+        out.append(frame)
+    return out
+
+
+def test_frame_format() -> None:
+    """S5-4: a 4-byte big-endian length, then one msgpack value."""
+    frame = encode_frame({"op": "get"})
+    body = msgpack.packb({"op": "get"})
+    assert frame == struct.pack(">I", len(body)) + body
+
+
+@given(st.lists(wire_values, max_size=5), st.data())
+def test_frames_survive_any_split(values: list[object], data: st.DataObject) -> None:
+    """S5-4, S5-5 (property): frames decode the same however the bytes are chunked."""
+    stream = b"".join(encode_frame(v) for v in values)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    decoder = FrameDecoder()
+    got: list[object] = []
+    start = 0
+    for cut in [*cuts, len(stream)]:
+        if cut == start:
+            continue  # b"" would mean EOF
+        decoder.receive_data(stream[start:cut])
+        start = cut
+        got.extend(frames_of(decoder))
+    decoder.receive_data(b"")
+    assert decoder.next_frame() is CLOSED
+    assert got == [normalized(v) for v in values]
+    assert decoder.buffered_bytes == 0
+
+
+def test_byte_at_a_time() -> None:
+    stream = encode_frame([1, 2]) + encode_frame(tg.CacheRef("r")) + encode_frame(None)
+    decoder = FrameDecoder()
+    got: list[object] = []
+    for i in range(len(stream)):
+        decoder.receive_data(stream[i : i + 1])
+        got.extend(frames_of(decoder))
+    assert got == [[1, 2], tg.CacheRef("r"), None]
+
+
+def test_many_frames_in_one_chunk_and_compaction() -> None:
+    """S5-4: large buffers are consumed without quadratic copying, in order."""
+    payloads = [bytes([i % 256]) * 3000 for i in range(100)]
+    stream = b"".join(encode_frame(p) for p in payloads)
+    decoder = FrameDecoder()
+    decoder.receive_data(stream[: len(stream) // 2 + 7])
+    first = frames_of(decoder)
+    decoder.receive_data(stream[len(stream) // 2 + 7 :])
+    assert first + frames_of(decoder) == payloads
+    assert decoder.buffered_bytes == 0
+
+
+def test_frame_size_at_and_past_the_limit() -> None:
+    """S5-3, S5-4"""
+    body = msgpack.packb(b"x" * 90)
+    decoder = FrameDecoder(max_frame_bytes=len(body))
+    decoder.receive_data(struct.pack(">I", len(body)) + body)
+    assert decoder.next_frame() == b"x" * 90
+    decoder = FrameDecoder(max_frame_bytes=len(body) - 1)
+    with pytest.raises(tg.WireFormatError, match="max_frame_bytes"):
+        decoder.receive_data(struct.pack(">I", len(body)))
+
+
+def test_huge_declared_frame_is_refused_from_its_header_alone() -> None:
+    """S5-4: refused before any of the body is buffered; nothing is kept."""
+    decoder = FrameDecoder()
+    good = encode_frame("ok")
+    tracemalloc.start()
+    try:
+        with pytest.raises(tg.WireFormatError, match="4294967295"):
+            decoder.receive_data(good + b"\xff\xff\xff\xff")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000
+    assert decoder.buffered_bytes == 0
+    assert decoder.broken
+
+
+def test_header_split_across_chunks_is_checked_when_complete() -> None:
+    decoder = FrameDecoder(max_frame_bytes=10)
+    decoder.receive_data(b"\x00\x00")
+    with pytest.raises(tg.WireFormatError, match="max_frame_bytes"):
+        decoder.receive_data(b"\x00\x0b")
+
+
+def test_zero_length_frame() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(tg.WireFormatError, match="length 0"):
+        decoder.receive_data(b"\x00\x00\x00\x00")
+
+
+def test_clean_eof_and_truncated_frames() -> None:
+    """S5-5"""
+    decoder = FrameDecoder()
+    decoder.receive_data(encode_frame(1))
+    decoder.receive_data(b"")
+    assert decoder.next_frame() == 1
+    assert decoder.next_frame() is CLOSED
+    assert decoder.next_frame() is CLOSED
+    decoder.receive_data(b"")  # EOF twice is fine
+    for partial in (b"\x00\x00", encode_frame("hello")[:-1]):
+        decoder = FrameDecoder()
+        decoder.receive_data(partial)
+        assert decoder.next_frame() is NEED_DATA
+        decoder.receive_data(b"")
+        with pytest.raises(tg.WireFormatError, match="truncated frame"):
+            decoder.next_frame()
+
+
+def test_data_after_eof_is_refused() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(b"")
+    with pytest.raises(tg.WireFormatError, match="after EOF"):
+        decoder.receive_data(b"\x00")
+
+
+@pytest.mark.parametrize(
+    "body", [b"\xc1", b"\x01\x02", ext(9, b""), nested_lists(600), b"\xa2\xff\xfe"]
+)
+def test_bad_frame_body_breaks_the_decoder(body: bytes) -> None:
+    """S5-5: after an error every call raises WireFormatError; nothing is kept."""
+    decoder = FrameDecoder()
+    decoder.receive_data(
+        encode_frame("first") + struct.pack(">I", len(body)) + body + encode_frame(3)
+    )
+    assert decoder.next_frame() == "first"
+    with pytest.raises(tg.WireFormatError):
+        decoder.next_frame()
+    assert decoder.broken
+    assert decoder.buffered_bytes == 0
+    with pytest.raises(tg.WireFormatError, match="already failed"):
+        decoder.next_frame()
+    with pytest.raises(tg.WireFormatError, match="already failed"):
+        decoder.receive_data(encode_frame(1))
+    with pytest.raises(tg.WireFormatError, match="already failed"):
+        decoder.receive_data(b"")
+
+
+def test_frame_limits_apply_to_bodies() -> None:
+    decoder = FrameDecoder(max_depth=2, max_container_len=2, max_str_len=2, max_bin_len=2)
+    assert decoder.limits.max_depth == 2
+    decoder.receive_data(encode_frame([[1, 2], "ab", b"cd"][:2]))
+    assert decoder.next_frame() == [[1, 2], "ab"]
+    decoder.receive_data(encode_frame([[[1]]]))
+    with pytest.raises(tg.WireFormatError, match="max_depth"):
+        decoder.next_frame()
+
+
+def test_receive_data_needs_bytes() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(tg.WireFormatError, match="bytes"):
+        decoder.receive_data("text")  # type: ignore[arg-type]
+    decoder = FrameDecoder()
+    decoder.receive_data(bytearray(encode_frame(1)))
+    decoder.receive_data(memoryview(encode_frame(2)))
+    assert frames_of(decoder) == [1, 2]
+
+
+def test_encode_frame_refuses_what_a_peer_would_refuse() -> None:
+    with pytest.raises(tg.WireFormatError, match="max_frame_bytes"):
+        encode_frame("x" * 100, max_frame_bytes=50)
+    with pytest.raises(tg.WireFormatError, match="set"):
+        encode_frame({1})
+
+
+def test_sentinels() -> None:
+    assert repr(NEED_DATA) == "NEED_DATA"
+    assert repr(CLOSED) == "CLOSED"
+    assert pickle.loads(pickle.dumps(NEED_DATA)) is NEED_DATA
+    assert wire.NEED_DATA is NEED_DATA
