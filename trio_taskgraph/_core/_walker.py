@@ -23,14 +23,18 @@ Theory of operation
 -------------------
 
 `scan_refs` is one iterative depth-first pass with an explicit stack. It records every
-walkable container by ``id()`` (the record keeps them alive, so ids stay unique) and every
-distinct ref. When no ref is wanted, the caller returns the input and is done: that pass is
-the whole cost of the common case, so it is kept as lean as a bare visit.
+walkable container by ``id()`` (the record keeps them alive, so ids stay unique), every
+distinct ref, and a log of the containers and refs it popped with the stack index each was
+popped from. When no ref is wanted the caller returns the input and is done: that pass is the
+whole cost of the common case, so it is kept as lean as a bare visit (leaves cost one set
+lookup, nothing is built).
 
-`rebuild` runs only when some ref was resolved. It reads each recorded container's children
-once, notes which containers hold a resolved ref directly and which containers hold which,
-and marks *dirty* every container from which a resolved ref can be reached (a breadth-first
-walk up the reversed edges; cycles need no special case). Only dirty containers are copied:
+`rebuild` runs only when some ref was resolved. Children are pushed in one block above the
+index their container was popped from, so replaying the log with a monotonic stack tells
+which container holds each logged node, revisits included: the holder -> child edges of the
+whole graph are recovered without looking at a single leaf again. Every container from which
+a resolved ref can be reached is *dirty* (a breadth-first walk up the reversed edges; cycles
+need no special case). Only dirty containers are copied:
 
 1. every dirty mutable container (``dict`` family, ``list``, ``set``) gets an empty copy of
    the same type first, so a cycle through it can point at the copy before it is filled;
@@ -40,8 +44,9 @@ walk up the reversed edges; cycles need no special case). Only dirty containers 
 3. the mutable copies are filled, in the original iteration order.
 
 A child is mapped to its resolved value (a selected ref), to its copy (a dirty container) or
-to itself (anything else). If the caller mutates the input while resolvers run, children the
-scan never saw are kept by reference and unknown refs stay refs: never a crash.
+to itself (anything else). If the caller mutates the input while resolvers run, the copies
+hold the current children, children the scan never saw are kept by reference and unknown
+refs stay refs: never a crash.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from ._events import Blob
 from ._refs import CacheRef
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Iterable, Mapping
 
 __all__ = [
     "RefScan",
@@ -131,6 +136,9 @@ class RefScan:
     # id -> container for every walkable container reached (keeps them alive: ids stay
     # unique while the scan exists).
     _containers: dict[int, object] = attrs.field(alias="containers")
+    # The visit log, in pop order: (stack index, container id) for each container reached
+    # (first visit or revisit) and (stack index, ref) for each ref occurrence.
+    _events: list[tuple[int, object]] = attrs.field(alias="events")
 
     def __repr__(self) -> str:
         return f"<RefScan: {len(self.refs)} refs in {len(self._containers)} containers>"
@@ -145,7 +153,7 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
     """
     Find every distinct `CacheRef` in ``value`` and every container holding the walk.
 
-    One iterative pass; each container is visited once however often it is reached, so
+    One iterative pass; each container is expanded once however often it is reached, so
     cycles and shared sub-trees cost nothing extra (S3-5, S3-7).
 
     Args:
@@ -158,6 +166,8 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
     """
     containers: dict[int, object] = {}
     found: dict[CacheRef, None] = {}
+    events: list[tuple[int, object]] = []
+    log = events.append
     stack: list[object] = [value]
     pop = stack.pop
     push_all = stack.extend
@@ -168,8 +178,10 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
         if tp in leaf_types:
             continue
         # The two common containers are tested inline; everything else goes via _kind_of.
+        # A container is logged with its stack index (see `_holders`), then expanded once.
         if tp is dict:
             key = id(x)
+            log((len(stack), key))
             if key in containers:
                 continue
             containers[key] = x
@@ -177,17 +189,20 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
             push_all(reversed(values) if ordered else values)
         elif tp is list:
             key = id(x)
+            log((len(stack), key))
             if key in containers:
                 continue
             containers[key] = x
             push_all(reversed(x) if ordered else x)  # type: ignore[call-overload,arg-type]
         elif tp is CacheRef:
             found[x] = None  # type: ignore[index]
+            log((len(stack), x))
         else:
             kind = _kind_of(tp)
             if kind == 0:
                 continue
             key = id(x)
+            log((len(stack), key))
             if key in containers:
                 continue
             containers[key] = x
@@ -196,7 +211,7 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
                 push_all(reversed(list(children)))
             else:
                 push_all(children)
-    return RefScan(value, tuple(found), containers=containers)
+    return RefScan(value, tuple(found), containers=containers, events=events)
 
 
 def collect_cache_refs(value: object) -> list[CacheRef]:
@@ -207,6 +222,57 @@ def collect_cache_refs(value: object) -> list[CacheRef]:
     that merely carry a ``$ref`` key are data and are never reported (S3-1).
     """
     return list(scan_refs(value, ordered=True).refs)
+
+
+def _dirty_containers(scan: RefScan, resolved: Mapping[CacheRef, object]) -> set[int]:
+    """
+    Return the ids of the containers from which a resolved ref can be reached.
+
+    The scan pushes a container's children in one block above the stack index the container
+    was popped from, so the container that pushed the node popped at index ``p`` is the
+    most recently expanded container popped at an index ``<= p``. One pass over the log
+    with a monotonic stack recovers every holder -> child edge (revisits included: shared
+    sub-trees and cycles), without touching a single leaf. Dirtiness then spreads from the
+    direct holders of resolved refs up the reversed edges, breadth first.
+    """
+    containers = scan._containers
+    first_holder: dict[int, int] = {}
+    more_holders: dict[int, list[int]] = {}
+    expanded: set[int] = set()
+    direct: set[int] = set()
+    open_marks: list[int] = []
+    open_ids: list[int] = []
+    for mark, item in scan._events:
+        while open_marks and open_marks[-1] > mark:
+            open_marks.pop()
+            open_ids.pop()
+        holder = open_ids[-1] if open_ids else None
+        if type(item) is CacheRef:
+            if holder is not None and item in resolved:
+                direct.add(holder)
+            continue
+        assert type(item) is int
+        if holder is not None:
+            if item in first_holder:
+                more_holders.setdefault(item, []).append(holder)
+            else:
+                first_holder[item] = holder
+        if item not in expanded and item in containers:
+            expanded.add(item)
+            open_marks.append(mark)
+            open_ids.append(item)
+    dirty = set(direct)
+    todo = deque(direct)
+    while todo:
+        cid = todo.popleft()
+        holder_id = first_holder.get(cid)
+        if holder_id is None:
+            continue
+        for h in (holder_id, *more_holders.get(cid, ())):
+            if h not in dirty:
+                dirty.add(h)
+                todo.append(h)
+    return dirty
 
 
 def rebuild(scan: RefScan, resolved: Mapping[CacheRef, object]) -> object:
@@ -224,42 +290,18 @@ def rebuild(scan: RefScan, resolved: Mapping[CacheRef, object]) -> object:
         return resolved.get(root, root)
     if not resolved:
         return root
-    containers = scan._containers
-    kinds: dict[int, int] = {}
-    # child id -> ids of the containers holding it (reversed edges, only between containers).
-    holders: dict[int, list[int]] = {}
-    dirty: set[int] = set()
-    todo: deque[int] = deque()
-    for cid, container in containers.items():
-        kind = _kind_of(type(container))
-        kinds[cid] = kind
-        direct = False
-        for child in _children(container, kind):
-            if type(child) is CacheRef:
-                if child in resolved:
-                    direct = True
-                continue
-            child_id = id(child)
-            if child_id in containers:
-                holders.setdefault(child_id, []).append(cid)
-        if direct:
-            dirty.add(cid)
-            todo.append(cid)
-    while todo:
-        for holder in holders.get(todo.popleft(), ()):
-            if holder not in dirty:
-                dirty.add(holder)
-                todo.append(holder)
+    dirty = _dirty_containers(scan, resolved)
     if id(root) not in dirty:
-        # Only possible when the input was mutated while resolvers ran.
         return root
-
+    containers = scan._containers
+    kinds = {cid: _kind_of(type(containers[cid])) for cid in dirty}
     copies: dict[int, object] = {}
+    get_resolved = resolved.get
+    get_copy = copies.get
 
-    def substitute(child: object) -> object:
-        if type(child) is CacheRef:
-            return resolved.get(child, child)
-        return copies.get(id(child), child)
+    def substituted(children: Iterable[object]) -> list[object]:
+        # A resolved ref, the copy of a dirty container, or the child itself.
+        return [get_resolved(c, c) if type(c) is CacheRef else get_copy(id(c), c) for c in children]
 
     # 1. Empty copies of the dirty mutable containers, so cycles can point at them.
     for cid in dirty:
@@ -293,7 +335,7 @@ def rebuild(scan: RefScan, resolved: Mapping[CacheRef, object]) -> object:
                     if child_id in dirty and child_id not in copies:
                         stack.append((child_id, False))
                 continue
-            copies[cid] = _build_immutable(container, kind, substitute)
+            copies[cid] = _build_immutable(container, kind, substituted(container))  # type: ignore[arg-type]
 
     # 3. Fill the mutable copies in the original order.
     for cid in dirty:
@@ -303,20 +345,16 @@ def rebuild(scan: RefScan, resolved: Mapping[CacheRef, object]) -> object:
         container = containers[cid]
         copy = copies[cid]
         if kind == _DICT:
-            copy.update(  # type: ignore[attr-defined]
-                [(k, substitute(v)) for k, v in container.items()]  # type: ignore[attr-defined]
-            )
+            keys = list(container)  # type: ignore[call-overload]
+            copy.update(zip(keys, substituted(container.values()), strict=True))  # type: ignore[attr-defined]
         elif kind == _LIST:
-            copy.extend([substitute(c) for c in container])  # type: ignore[attr-defined]
+            copy.extend(substituted(container))  # type: ignore[attr-defined,arg-type]
         else:
-            _fill_set(copy, container, substitute)  # type: ignore[arg-type]
+            _fill_set(copy, substituted(container))  # type: ignore[arg-type]
     return copies[id(root)]
 
 
-def _build_immutable(
-    container: object, kind: int, substitute: Callable[[object], object]
-) -> object:
-    items = [substitute(c) for c in container]  # type: ignore[attr-defined]
+def _build_immutable(container: object, kind: int, items: list[object]) -> object:
     if kind == _TUPLE:
         return tuple(items)
     if kind == _NAMEDTUPLE:
@@ -327,11 +365,9 @@ def _build_immutable(
         raise TypeError(f"a value resolved inside a frozenset must be hashable: {exc}") from exc
 
 
-def _fill_set(
-    copy: set[object], container: set[object], substitute: Callable[[object], object]
-) -> None:
+def _fill_set(copy: set[object], items: list[object]) -> None:
     try:
-        copy.update([substitute(c) for c in container])
+        copy.update(items)
     except TypeError as exc:
         raise TypeError(f"a value resolved inside a set must be hashable: {exc}") from exc
 
