@@ -160,6 +160,8 @@ class WireLimits:
 
 
 _DEFAULT_LIMITS: Final = WireLimits()
+_msgpack_unpackb: Final = msgpack.unpackb
+_msgpack_packb: Final = msgpack.packb
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def packb(obj: object) -> bytes:
             deeper than msgpack packs); the message names it.
     """
     try:
-        out: bytes = msgpack.packb(obj, default=_default, use_bin_type=True)
+        out: bytes = _msgpack_packb(obj, default=_default)
     except WireFormatError:
         raise
     except OverflowError as exc:  # pragma: no cover - msgpack hands big ints to _default
@@ -217,28 +219,28 @@ def packb(obj: object) -> bytes:
 
 def _ext_hook(code: int, data: bytes) -> object:
     # Invariant (S5-3): known ext types only, with well-formed payloads.
-    if code == EXT_CACHE_REF:
+    if code == 1:  # EXT_CACHE_REF
         try:
-            fields = msgpack.unpackb(data, raw=False)
+            fields = _msgpack_unpackb(data)
         except (ValueError, TypeError) as exc:
             raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
-        if type(fields) is not list or len(fields) != 3:
-            raise WireFormatError("malformed CacheRef ext payload: want [ref, size, mime]")
+        if type(fields) is list and len(fields) == 3:
+            try:
+                return CacheRef(*fields)
+            except (TypeError, ValueError) as exc:
+                raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
+        raise WireFormatError("malformed CacheRef ext payload: want [ref, size, mime]")
+    if code == 2:  # EXT_BLOB
         try:
-            return CacheRef(fields[0], fields[1], fields[2])
-        except (TypeError, ValueError) as exc:
-            raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
-    if code == EXT_BLOB:
-        try:
-            fields = msgpack.unpackb(data, raw=False)
+            fields = _msgpack_unpackb(data)
         except (ValueError, TypeError) as exc:
             raise WireFormatError(f"malformed Blob ext payload: {exc}") from None
-        if type(fields) is not list or len(fields) != 2 or type(fields[1]) is not bytes:
-            raise WireFormatError("malformed Blob ext payload: want [mime, data: bin]")
-        try:
-            return Blob(fields[1], fields[0])
-        except (TypeError, ValueError) as exc:
-            raise WireFormatError(f"malformed Blob ext payload: {exc}") from None
+        if type(fields) is list and len(fields) == 2 and type(fields[1]) is bytes:
+            try:
+                return Blob(fields[1], fields[0])
+            except (TypeError, ValueError) as exc:
+                raise WireFormatError(f"malformed Blob ext payload: {exc}") from None
+        raise WireFormatError("malformed Blob ext payload: want [mime, data: bin]")
     raise WireFormatError(f"unknown ext type {code} (known: {EXT_CACHE_REF}, {EXT_BLOB})")
 
 
@@ -301,23 +303,38 @@ def _holds_timestamp(value: object) -> bool:
     return False
 
 
+def _timestamp_in(data: bytes, value: object) -> bool:
+    """Exact check, for data that holds a 0xff byte: could it, and does it, hold one?"""
+    return any(h in data for h in _TIMESTAMP_HEADERS) and _holds_timestamp(value)
+
+
 def _decode(data: bytes, limits: WireLimits) -> object:
-    if len(data) > limits.max_bytes:
-        raise WireFormatError(f"value is {len(data)} bytes; max_bytes is {limits.max_bytes}")
-    max_len = limits.max_container_len
+    size = len(data)
+    if size > limits.max_bytes:
+        raise WireFormatError(f"value is {size} bytes; max_bytes is {limits.max_bytes}")
     try:
-        value = msgpack.unpackb(
-            data,
-            raw=False,
-            ext_hook=_ext_hook,
-            strict_map_key=False,
-            max_str_len=limits.max_str_len,
-            max_bin_len=limits.max_bin_len,
-            max_array_len=max_len,
-            max_map_len=max_len,
-            # A Blob payload is its data plus a small header (mime included).
-            max_ext_len=limits.max_bin_len + limits.max_str_len + 16,
-        )
+        if (
+            size <= limits.max_container_len
+            and size <= limits.max_str_len
+            and size <= limits.max_bin_len
+        ):
+            # No string, binary, ext payload or container can be longer than the data
+            # itself (one byte per item at least), and msgpack already bounds them all by
+            # len(data): passing our limits would check nothing more.
+            value = _msgpack_unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+        else:
+            max_len = limits.max_container_len
+            value = msgpack.unpackb(
+                data,
+                ext_hook=_ext_hook,
+                strict_map_key=False,
+                max_str_len=limits.max_str_len,
+                max_bin_len=limits.max_bin_len,
+                max_array_len=max_len,
+                max_map_len=max_len,
+                # A Blob payload is its data plus a small header (its mime included).
+                max_ext_len=limits.max_bin_len + limits.max_str_len + 16,
+            )
     except WireFormatError:
         raise
     except (ValueError, TypeError) as exc:
@@ -325,13 +342,13 @@ def _decode(data: bytes, limits: WireLimits) -> object:
     # Invariant (S5-3): depth, checked exactly only when the cheap bound fails.
     max_depth = limits.max_depth
     if (
-        len(data) > max_depth
+        size > max_depth
         and len(data.translate(None, _NOT_CONTAINER_HEADERS)) > max_depth
         and _deeper_than(value, max_depth)
     ):
         raise WireFormatError(f"nesting deeper than max_depth ({max_depth})")
     # Invariant (S5-3): msgpack decodes ext type -1 itself (no ext_hook): refuse it too.
-    if b"\xff" in data and any(h in data for h in _TIMESTAMP_HEADERS) and _holds_timestamp(value):
+    if 0xFF in data and _timestamp_in(data, value):
         raise WireFormatError(f"unknown ext type -1 (known: {EXT_CACHE_REF}, {EXT_BLOB})")
     return value
 
@@ -365,9 +382,30 @@ def unpackb(
             truncated or trailing bytes, invalid UTF-8, a container map key.
     """
     if (
-        max_bytes == DEFAULT_MAX_FRAME_BYTES
-        and max_depth == DEFAULT_MAX_DEPTH
-        and max_container_len == DEFAULT_MAX_CONTAINER_LEN
+        type(data) is bytes
+        and max_bytes is DEFAULT_MAX_FRAME_BYTES
+        and max_depth is DEFAULT_MAX_DEPTH
+        and max_container_len is DEFAULT_MAX_CONTAINER_LEN
+        and max_str_len is None
+        and max_bin_len is None
+        and len(data) <= DEFAULT_MAX_DEPTH
+    ):
+        # The hot path (small messages, default limits), inlined: every rule still holds.
+        # Data no longer than max_depth cannot nest deeper, is far below every length limit
+        # (msgpack bounds lengths by len(data)), and only the timestamp check remains.
+        try:
+            value = _msgpack_unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+        except WireFormatError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise _translate_unpack_error(exc) from None
+        if 0xFF in data and _timestamp_in(data, value):
+            raise WireFormatError(f"unknown ext type -1 (known: {EXT_CACHE_REF}, {EXT_BLOB})")
+        return value
+    if (
+        max_bytes is DEFAULT_MAX_FRAME_BYTES
+        and max_depth is DEFAULT_MAX_DEPTH
+        and max_container_len is DEFAULT_MAX_CONTAINER_LEN
         and max_str_len is None
         and max_bin_len is None
     ):
