@@ -542,3 +542,27 @@ def test_sentinels() -> None:
     assert repr(CLOSED) == "CLOSED"
     assert pickle.loads(pickle.dumps(NEED_DATA)) is NEED_DATA
     assert wire.NEED_DATA is NEED_DATA
+
+
+def test_limits_reach_inside_ext_payloads() -> None:
+    """S5-3: a Blob's data and mime obey max_bin_len / max_str_len exactly."""
+    at = wire.packb([tg.Blob(b"x" * 100, "abc"), "p" * 300])
+    past = wire.packb([tg.Blob(b"x" * 101, "abc"), "p" * 300])
+    long_mime = wire.packb([tg.Blob(b"x", "abcd"), "p" * 300])
+    limits = {"max_bin_len": 100, "max_str_len": 300}
+    assert wire.unpackb(at, **limits) == [tg.Blob(b"x" * 100, "abc"), "p" * 300]
+    assert_wire_error(past, "max_bin_len", **limits)
+    assert_wire_error(long_mime, "max_str_len", max_bin_len=100, max_str_len=3)
+    ref = wire.packb([tg.CacheRef("r" * 20, 1, "m"), "p" * 300])
+    assert wire.unpackb(ref, max_bin_len=100, max_str_len=300) == [
+        tg.CacheRef("r" * 20, 1, "m"),
+        "p" * 300,
+    ]
+    ref_only = wire.packb([tg.CacheRef("r" * 20, 1, "m"), *["q"] * 50])
+    assert_wire_error(ref_only, "CacheRef ext payload: string too long", max_str_len=19)
+
+
+def test_unknown_ext_types_under_explicit_limits() -> None:
+    assert_wire_error(ext(7, b"p" * 50), "unknown ext type 7", max_str_len=10)
+    assert_wire_error(ext(1, msgpack.packb(["r", 1])), "CacheRef", max_str_len=10)
+    assert_wire_error(ext(2, b"\xc1"), "Blob", max_str_len=10)

@@ -46,6 +46,7 @@ walked (iteratively) to check exactly.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Final, final
 
@@ -217,35 +218,64 @@ def packb(obj: object) -> bytes:
 # --- decoding --------------------------------------------------------------------------------
 
 
-def _ext_hook(code: int, data: bytes) -> object:
-    # Invariant (S5-3): known ext types only, with well-formed payloads.
+def _ext_value(code: int, fields: object) -> object:
+    # Invariant (S5-3): a well-formed payload for a known ext type, validated as the type's
+    # own constructor does (S3-2 for refs).
     if code == 1:  # EXT_CACHE_REF
-        try:
-            fields = _msgpack_unpackb(data)
-        except (ValueError, TypeError) as exc:
-            raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
         if type(fields) is list and len(fields) == 3:
             try:
                 return CacheRef(*fields)
             except (TypeError, ValueError) as exc:
                 raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
         raise WireFormatError("malformed CacheRef ext payload: want [ref, size, mime]")
-    if code == 2:  # EXT_BLOB
+    if type(fields) is list and len(fields) == 2 and type(fields[1]) is bytes:
         try:
-            fields = _msgpack_unpackb(data)
-        except (ValueError, TypeError) as exc:
+            return Blob(fields[1], fields[0])
+        except (TypeError, ValueError) as exc:
             raise WireFormatError(f"malformed Blob ext payload: {exc}") from None
-        if type(fields) is list and len(fields) == 2 and type(fields[1]) is bytes:
-            try:
-                return Blob(fields[1], fields[0])
-            except (TypeError, ValueError) as exc:
-                raise WireFormatError(f"malformed Blob ext payload: {exc}") from None
-        raise WireFormatError("malformed Blob ext payload: want [mime, data: bin]")
-    raise WireFormatError(f"unknown ext type {code} (known: {EXT_CACHE_REF}, {EXT_BLOB})")
+    raise WireFormatError("malformed Blob ext payload: want [mime, data: bin]")
 
 
-def _translate_unpack_error(exc: Exception) -> WireFormatError:
+def _ext_hook(code: int, data: bytes) -> object:
+    """The ext hook for data no longer than every length limit (msgpack's own bounds)."""
+    # Invariant (S5-3): known ext types only.
+    if code != 1 and code != 2:
+        raise WireFormatError(f"unknown ext type {code} (known: {EXT_CACHE_REF}, {EXT_BLOB})")
+    try:
+        fields = _msgpack_unpackb(data)
+    except (ValueError, TypeError) as exc:
+        name = "CacheRef" if code == 1 else "Blob"
+        raise WireFormatError(f"malformed {name} ext payload: {exc}") from None
+    return _ext_value(code, fields)
+
+
+def _limited_ext_hook(limits: WireLimits, code: int, data: bytes) -> object:
+    """The ext hook under explicit limits: strings and binaries in a payload obey them."""
+    if code != 1 and code != 2:
+        raise WireFormatError(f"unknown ext type {code} (known: {EXT_CACHE_REF}, {EXT_BLOB})")
+    try:
+        fields = _msgpack_unpackb(
+            data,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=3,
+            max_map_len=3,
+        )
+    except (ValueError, TypeError) as exc:
+        name = "CacheRef" if code == 1 else "Blob"
+        raise _translate_unpack_error(exc, f"malformed {name} ext payload: ") from None
+    return _ext_value(code, fields)
+
+
+def _translate_unpack_error(exc: Exception, prefix: str = "") -> WireFormatError:
     """Name the rule a msgpack exception stands for (S5-3)."""
+    error = _name_the_rule(exc)
+    if prefix:
+        return WireFormatError(f"{prefix}{error}")
+    return error
+
+
+def _name_the_rule(exc: Exception) -> WireFormatError:
     text = str(exc)
     if isinstance(exc, msgpack.StackError):
         return WireFormatError("nesting too deep for the decoder (max_depth)")
@@ -326,7 +356,7 @@ def _decode(data: bytes, limits: WireLimits) -> object:
             max_len = limits.max_container_len
             value = msgpack.unpackb(
                 data,
-                ext_hook=_ext_hook,
+                ext_hook=functools.partial(_limited_ext_hook, limits),
                 strict_map_key=False,
                 max_str_len=limits.max_str_len,
                 max_bin_len=limits.max_bin_len,
