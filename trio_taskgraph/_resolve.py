@@ -119,6 +119,7 @@ async def _resolve_all(
                 cancel_scope.cancel()
                 return
 
+    # Invariant (S3-8): at most max_concurrency workers, each call under the shared limiter.
     async with trio.open_nursery() as nursery:
         for _ in range(min(max_concurrency, len(refs))):
             nursery.start_soon(worker, nursery.cancel_scope)
@@ -172,6 +173,7 @@ async def resolve_job_output(
         raise TypeError("ports must be an iterable of port names, not a single str")
     if not isinstance(output, Mapping):
         raise TypeError(f"ports= needs a mapping output, not {type(output).__name__}")
+    # Invariant (S3-10): only the allowed top-level ports are walked at all.
     allowed = {port: output[port] for port in dict.fromkeys(ports) if port in output}
     # One walk over the allowed ports together: a ref shared between them resolves once.
     hydrated = await resolve_output(

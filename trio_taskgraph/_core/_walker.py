@@ -99,6 +99,7 @@ _IMMUTABLE_KINDS: Final = frozenset({_TUPLE, _NAMEDTUPLE, _FROZENSET})
 
 def _kind_of(tp: type) -> int:
     """Return the container kind of ``tp``, 0 for an opaque leaf (S3-3)."""
+    # Invariant (S3-3): exact types only; every other class is an opaque leaf.
     kind = _EXACT_KINDS.get(tp)
     if kind is not None:
         return kind
@@ -178,7 +179,8 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
         if tp in leaf_types:
             continue
         # The two common containers are tested inline; everything else goes via _kind_of.
-        # A container is logged with its stack index (see `_holders`), then expanded once.
+        # A container is logged with its stack index (see `_dirty_containers`), then
+        # expanded once. Invariant (S3-5): a container already seen is never expanded again.
         if tp is dict:
             key = id(x)
             log((len(stack), key))
@@ -195,6 +197,7 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
             containers[key] = x
             push_all(reversed(x) if ordered else x)  # type: ignore[call-overload,arg-type]
         elif tp is CacheRef:
+            # Invariant (S3-1, S3-6): only CacheRef instances, each distinct one once.
             found[x] = None  # type: ignore[index]
             log((len(stack), x))
         else:
@@ -291,6 +294,7 @@ def rebuild(scan: RefScan, resolved: Mapping[CacheRef, object]) -> object:
     if not resolved:
         return root
     dirty = _dirty_containers(scan, resolved)
+    # Invariant (S3-4): only containers that reach a resolved ref are copied.
     if id(root) not in dirty:
         return root
     containers = scan._containers
