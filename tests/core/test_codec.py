@@ -249,6 +249,18 @@ def test_msgpack_timestamps_are_unknown_ext_types(payload_len: int) -> None:
     assert_wire_error(data, "unknown ext type -1")
 
 
+@pytest.mark.parametrize(
+    "header",
+    [b"\xc7\x04", b"\xc7\x08", b"\xc8\x00\x04", b"\xc9\x00\x00\x00\x08", b"\xc9\x00\x00\x00\x0c"],
+)
+def test_timestamps_in_every_ext_encoding_are_refused(header: bytes) -> None:
+    """S5-3: found by fuzz_codec: msgpack also decodes ext8/16/32 forms of type -1."""
+    length = header[-1]
+    data = b"\x91" + header + b"\xff" + b"\x00" * (length - 1) + b"\x01"
+    assert isinstance(msgpack.unpackb(data)[0], msgpack.Timestamp)
+    assert_wire_error(data, "unknown ext type -1")
+
+
 def test_timestamp_shaped_bytes_inside_a_string_are_fine() -> None:
     """S5-3: the cheap timestamp check has false positives only, never false refusals."""
     value = {"bin": b"\xd6\xff\x00\x00\x00\x01", "n": -1}

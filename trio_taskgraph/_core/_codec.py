@@ -40,7 +40,7 @@ depth and msgpack's built-in timestamp ext, are checked after decoding, cheaply:
 only be deeper than ``max_depth`` if the data holds more than ``max_depth`` bytes that could be
 container headers (counted in one C-level ``bytes.translate`` pass, skipped entirely for data
 no longer than ``max_depth``), and can only hold a timestamp if the data contains ``0xff``
-right after a timestamp-shaped ext header. Only when a bound fails is the decoded value
+right after one of the eleven timestamp-shaped ext headers. Only when a bound fails is the decoded value
 walked (iteratively) to check exactly.
 """
 
@@ -92,9 +92,16 @@ _MAX_FRAME_LENGTH: Final = (1 << 32) - 1  # what a 4-byte prefix can declare
 # array16/32 0xdc/0xdd, map16/32 0xde/0xdf. Everything else is deleted by translate().
 _CONTAINER_HEADERS: Final = frozenset(range(0x80, 0xA0)) | frozenset(range(0xDC, 0xE0))
 _NOT_CONTAINER_HEADERS: Final = bytes(b for b in range(256) if b not in _CONTAINER_HEADERS)
-# The only encodings msgpack decodes as its timestamp (ext type -1, 0xff): fixext4, fixext8,
-# ext8 with length 12. Any other length for type -1 is a decode error already.
-_TIMESTAMP_HEADERS: Final = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+# Every encoding msgpack decodes as its timestamp (ext type -1, byte 0xff, with a 4, 8 or
+# 12-byte payload): fixext4, fixext8, and ext8/16/32 with those lengths. Any other length
+# for type -1 is a decode error already. (fuzz_codec found the ext8/16/32 forms.)
+_TIMESTAMP_HEADERS: Final = (
+    b"\xd6\xff",
+    b"\xd7\xff",
+    *(b"\xc7" + bytes([n]) + b"\xff" for n in (4, 8, 12)),
+    *(b"\xc8" + struct.pack(">H", n) + b"\xff" for n in (4, 8, 12)),
+    *(b"\xc9" + struct.pack(">I", n) + b"\xff" for n in (4, 8, 12)),
+)
 
 
 @final

@@ -1,0 +1,185 @@
+# Invariant tested: S5-1, S5-3, S5-4, S5-5
+"""
+Fuzz the wire codec: `unpackb` and `FrameDecoder` on arbitrary bytes.
+
+For every input:
+
+- `unpackb` returns a value or raises `WireFormatError`, nothing else (S5-3); a value it
+  returns re-encodes, and re-decodes to an identical encoding (S5-1);
+- the same bytes as one frame body give the same verdict through a `FrameDecoder` (S5-4);
+- the input as a stream of frames, fed in chunks whose sizes come from the input, yields
+  frames or `WireFormatError`, nothing else; after an error every call raises
+  `WireFormatError` again (S5-5).
+
+Run ``python fuzz/fuzz_codec.py [--seconds N]`` (atheris when installed, else a seeded
+mutation loop over ``fuzz/corpus/codec/``). ``run(seconds)`` is what the test calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import random
+import struct
+import sys
+import time
+from pathlib import Path
+
+from trio_taskgraph import WireFormatError
+from trio_taskgraph.wire import CLOSED, NEED_DATA, FrameDecoder, packb, unpackb
+
+CORPUS = Path(__file__).resolve().parent / "corpus" / "codec"
+
+
+class Finding(AssertionError):
+    """The codec broke an invariant on this input."""
+
+
+def _decode_verdict(data: bytes) -> tuple[bool, object]:
+    try:
+        return True, unpackb(data)
+    except WireFormatError:
+        return False, None
+    except Exception as exc:
+        raise Finding(f"unpackb raised {type(exc).__name__}: {exc!r} on {data.hex()}") from exc
+
+
+def _frame_verdict(body: bytes) -> bool:
+    decoder = FrameDecoder()
+    try:
+        decoder.receive_data(struct.pack(">I", len(body)) + body)
+        frame = decoder.next_frame()
+    except WireFormatError:
+        return False
+    except Exception as exc:
+        raise Finding(f"FrameDecoder raised {type(exc).__name__}: {exc!r} on {body.hex()}") from exc
+    if frame is NEED_DATA or frame is CLOSED:
+        raise Finding(f"a complete frame was not returned for {body.hex()}")
+    return True
+
+
+def _stream(data: bytes) -> None:
+    decoder = FrameDecoder(max_frame_bytes=1 << 16, max_depth=64, max_container_len=4096)
+    sizes = random.Random(data[:8]).choices(range(1, 17), k=len(data) + 1)
+    pos = 0
+    try:
+        for size in sizes:
+            if pos >= len(data):
+                break
+            decoder.receive_data(data[pos : pos + size])
+            pos += size
+            while (frame := decoder.next_frame()) is not NEED_DATA:
+                if frame is CLOSED:
+                    raise Finding("CLOSED before EOF")
+        decoder.receive_data(b"")
+        while decoder.next_frame() is not CLOSED:
+            pass
+    except WireFormatError:
+        if not decoder.broken:
+            raise Finding(f"decoder raised but is not broken on {data.hex()}") from None
+        for call in (decoder.next_frame, lambda: decoder.receive_data(b"x")):
+            try:
+                call()
+            except WireFormatError:
+                continue
+            raise Finding(f"a broken decoder accepted a call on {data.hex()}") from None
+    except Finding:
+        raise
+    except Exception as exc:
+        raise Finding(f"FrameDecoder raised {type(exc).__name__}: {exc!r} on {data.hex()}") from exc
+
+
+def check_one(data: bytes) -> None:
+    """Run every check on one input; raise `Finding` on a broken invariant."""
+    ok, value = _decode_verdict(data)
+    if ok:
+        try:
+            encoded = packb(value)
+            again = packb(unpackb(encoded))
+        except Exception as exc:
+            raise Finding(f"a decoded value failed to round-trip: {exc!r} on {data.hex()}") from exc
+        if again != encoded:
+            raise Finding(f"re-encoding is not stable on {data.hex()}")
+    if data and _frame_verdict(data) != ok:
+        raise Finding(f"unpackb and FrameDecoder disagree on {data.hex()}")
+    _stream(data)
+
+
+def _seeds() -> list[bytes]:
+    seeds = [p.read_bytes() for p in sorted(CORPUS.glob("*")) if p.is_file()]
+    return seeds or [b"\x90", b"\x80"]
+
+
+def _mutate(rng: random.Random, seeds: list[bytes]) -> bytes:
+    data = bytearray(rng.choice(seeds))
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(6)
+        if op == 0 and data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif op == 1:
+            data.insert(rng.randint(0, len(data)), rng.randrange(256))
+        elif op == 2 and data:
+            del data[rng.randrange(len(data)) :][: rng.randint(1, 8)]
+        elif op == 3:
+            other = rng.choice(seeds)
+            cut = rng.randint(0, len(other))
+            data[rng.randint(0, len(data)) :] = other[cut:]
+        elif op == 4:
+            magic = rng.choice(
+                [
+                    b"\xdd\xff\xff\xff\xff",
+                    b"\xc9\x00\x00\x00\x05\xff",
+                    b"\xd6\xff",
+                    b"\xc1",
+                    b"\xff\xff\xff\xff",
+                ]
+            )
+            pos = rng.randint(0, len(data))
+            data[pos:pos] = magic
+        elif op == 5:
+            data = bytearray(rng.randbytes(rng.randint(0, 32)))
+    return bytes(data)
+
+
+def run(seconds: float, *, seed: int = 0) -> int:
+    """Fuzz for ``seconds``; return how many inputs ran. Raises `Finding` on a finding."""
+    rng = random.Random(seed)
+    seeds = _seeds()
+    count = 0
+    for s in seeds:
+        check_one(s)
+        count += 1
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        check_one(_mutate(rng, seeds))
+        count += 1
+    return count
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="fuzz the wire codec")
+    parser.add_argument("--seconds", type=float, default=float(os.environ.get("FUZZ_SECONDS", 60)))
+    parser.add_argument("--seed", type=int, default=0)
+    args, rest = parser.parse_known_args()
+    try:
+        import atheris
+    except ImportError:
+        count = run(args.seconds, seed=args.seed)
+        print(f"inputs run: {count}")
+        return 0
+    counter = [0]
+
+    def test_one_input(data: bytes) -> None:
+        counter[0] += 1
+        check_one(data)
+
+    atexit.register(lambda: print(f"inputs run: {counter[0]}"))
+    argv = [sys.argv[0], *rest, f"-max_total_time={max(1, int(args.seconds))}", str(CORPUS)]
+    atheris.Setup(argv, test_one_input)
+    atheris.Fuzz()
+    return 0  # pragma: no cover - atheris exits the process
+
+
+if __name__ == "__main__":
+    sys.exit(main())
