@@ -170,6 +170,30 @@ async def test_first_error_cancels_the_others_and_propagates_as_itself() -> None
     assert sorted(started) == ["boom", "x1", "x2", "x3"]
 
 
+async def test_simultaneous_errors_propagate_the_first_only() -> None:
+    """S3-9: calls already failing when the first error lands are dropped, no group."""
+    go = trio.Event()
+
+    async def resolver(ref: tg.CacheRef) -> object:
+        await go.wait()
+        raise ValueError(ref.ref)
+
+    caught: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await tg.resolve_output([tg.CacheRef(f"r{i}") for i in range(3)], resolver)
+        except ValueError as exc:
+            caught.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+    assert len(caught) == 1
+    assert type(caught[0]) is ValueError
+
+
 async def test_error_stops_pending_refs_from_starting() -> None:
     """S3-9: refs not yet started when the first error happens are never resolved."""
     started: list[str] = []

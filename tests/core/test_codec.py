@@ -222,11 +222,21 @@ def test_blob_payload_is_bounded_by_max_bin_len() -> None:
     assert_wire_error(data, "max_bin_len", max_bin_len=100, max_str_len=10)
 
 
+def test_header_like_bytes_inside_a_binary_are_not_depth() -> None:
+    """S5-3: the cheap depth bound only ever sends data to the exact check."""
+    data = msgpack.packb(b"\x90" * 100)
+    assert wire.unpackb(data, max_depth=3) == b"\x90" * 100
+
+
 def test_bad_limits_are_value_errors() -> None:
     with pytest.raises(ValueError, match="max_depth"):
         wire.unpackb(b"\x90", max_depth=-1)
     with pytest.raises(ValueError, match="max_bytes"):
         wire.unpackb(b"\x90", max_bytes=0)
+    with pytest.raises(ValueError, match="max_bytes must be an int"):
+        wire.unpackb(b"\x90", max_bytes=True)
+    with pytest.raises(ValueError, match="max_depth must be an int"):
+        wire.unpackb(b"\x90", max_depth=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"2\*\*32"):
         FrameDecoder(max_frame_bytes=2**32)
 
@@ -259,6 +269,14 @@ def test_timestamps_in_every_ext_encoding_are_refused(header: bytes) -> None:
     data = b"\x91" + header + b"\xff" + b"\x00" * (length - 1) + b"\x01"
     assert isinstance(msgpack.unpackb(data)[0], msgpack.Timestamp)
     assert_wire_error(data, "unknown ext type -1")
+
+
+def test_malformed_timestamps_and_timestamps_in_large_values() -> None:
+    """S5-3: every ext -1 is refused, whatever its length and wherever it sits."""
+    assert_wire_error(b"\xc7\x03\xff\x00\x00\x00", "unknown ext type -1")
+    big = msgpack.packb(["p" * 1000, msgpack.Timestamp(1)])
+    assert_wire_error(big, "unknown ext type -1")
+    assert_wire_error(big, "unknown ext type -1", max_str_len=2000)
 
 
 def test_timestamp_shaped_bytes_inside_a_string_are_fine() -> None:

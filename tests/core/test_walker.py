@@ -218,6 +218,14 @@ def test_cycle_without_refs_is_returned_as_is() -> None:
     assert tg.collect_cache_refs(value) == []
 
 
+def test_shared_immutable_inside_an_immutable() -> None:
+    """S3-5: a tuple shared twice inside a tuple is rebuilt once."""
+    inner = (A,)
+    out = substitute_refs((inner, inner, frozenset({inner})), TABLE)
+    assert out == (("<a>",), ("<a>",), frozenset({("<a>",)}))
+    assert out[0] is out[1]  # type: ignore[index]
+
+
 def test_shared_subtree_is_rebuilt_once_and_shared() -> None:
     """S3-5"""
     shared = [A, {"x": B}]

@@ -304,7 +304,10 @@ def _name_the_rule(exc: Exception) -> WireFormatError:
         return WireFormatError(f"map key is not a scalar (unhashable once decoded): {text}")
     if "incomplete" in text:
         return WireFormatError("truncated value (incomplete msgpack)")
-    return WireFormatError(f"malformed msgpack: {text}")
+    if "timestamp" in text.lower():
+        # msgpack's own ext type -1 with a payload length it cannot read.
+        return WireFormatError(f"unknown ext type -1 (known: {EXT_CACHE_REF}, {EXT_BLOB})")
+    return WireFormatError(f"malformed msgpack: {text}")  # pragma: no cover - any other
 
 
 def _deeper_than(value: object, max_depth: int) -> bool:

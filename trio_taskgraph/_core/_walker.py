@@ -328,7 +328,7 @@ def rebuild(scan: RefScan, resolved: Mapping[CacheRef, object]) -> object:
         stack: list[tuple[int, bool]] = [(start, False)]
         while stack:
             cid, expanded = stack.pop()
-            if cid in copies:
+            if cid in copies:  # pragma: no cover - reached or not depending on set order
                 continue
             container = containers[cid]
             kind = kinds[cid]
