@@ -40,7 +40,12 @@ class Pair(_NamedTuple):
 #: Valid `CacheRef`s: short ref names (so that equal refs occur), optional size and mime.
 cache_refs = st.builds(
     _CacheRef,
-    st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=3),
+    # No NUL (S3-2) and no lone surrogates (not UTF-8: the wire refuses them, S5-1).
+    st.text(
+        st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+        min_size=1,
+        max_size=3,
+    ),
     st.none() | st.integers(min_value=0, max_value=2**40),
     st.none() | st.sampled_from(["image/png", "text/plain"]),
 )

@@ -209,6 +209,21 @@ async def test_error_stops_pending_refs_from_starting() -> None:
     assert len(started) <= 2
 
 
+async def test_no_ref_starts_after_an_error_even_without_yields() -> None:
+    """S3-9: a resolver that fails without yielding stops every other ref from starting."""
+    started: list[str] = []
+
+    async def resolver(ref: tg.CacheRef) -> object:
+        started.append(ref.ref)
+        raise LookupError(ref.ref)
+
+    with pytest.raises(LookupError):
+        await tg.resolve_output(
+            [tg.CacheRef(f"r{i}") for i in range(10)], resolver, max_concurrency=4
+        )
+    assert len(started) == 1
+
+
 async def test_filter_error_propagates_before_any_call() -> None:
     resolver = CountingResolver()
 

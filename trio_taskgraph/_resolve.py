@@ -109,9 +109,19 @@ async def _resolve_all(
 
     async def worker(cancel_scope: trio.CancelScope) -> None:
         for ref in pending:
+            # No ref starts once the call is cancelled, even if resolvers never yield.
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                async with limiter:
+                # There are never more workers than tokens, so the limiter never blocks
+                # them; taking a token without a scheduling round trip saves ~5 us a call.
+                try:
+                    limiter.acquire_nowait()
+                except trio.WouldBlock:  # pragma: no cover - cannot happen, see above
+                    await limiter.acquire()
+                try:
                     results[ref] = await resolver(ref)
+                finally:
+                    limiter.release()
             except Exception as exc:
                 # Invariant (S3-9): the first error cancels the others and propagates.
                 if not failure:

@@ -130,6 +130,7 @@ def test_scalar_keys_round_trip_and_container_keys_are_refused() -> None:
         (2**64, "range"),
         (-(2**63) - 1, "range"),
         ("\udc80", "UTF-8"),
+        (tg.CacheRef("\udc80"), "UTF-8"),
         ({"k": {1}}, "set"),
         (complex(1, 2), "complex"),
     ],

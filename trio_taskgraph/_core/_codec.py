@@ -617,7 +617,8 @@ class FrameDecoder:
             (length,) = _HEADER.unpack_from(buffer, start)
             end = start + FRAME_HEADER_SIZE + length
             if end <= len(buffer):
-                body = bytes(buffer[start + FRAME_HEADER_SIZE : end])
+                with memoryview(buffer) as view:  # one copy of the body, not two
+                    body = bytes(view[start + FRAME_HEADER_SIZE : end])
                 self._start = end
                 if end == len(buffer):
                     # Everything consumed: reset instead of compacting.

@@ -137,9 +137,10 @@ class RefScan:
     # id -> container for every walkable container reached (keeps them alive: ids stay
     # unique while the scan exists).
     _containers: dict[int, object] = attrs.field(alias="containers")
-    # The visit log, in pop order: (stack index, container id) for each container reached
-    # (first visit or revisit) and (stack index, ref) for each ref occurrence.
-    _events: list[tuple[int, object]] = attrs.field(alias="events")
+    # The visit log, in pop order, as two parallel lists: the stack index each node was
+    # popped from, and the node: a container's id (first visit or revisit) or a ref.
+    _marks: list[int] = attrs.field(alias="marks")
+    _items: list[object] = attrs.field(alias="items")
 
     def __repr__(self) -> str:
         return f"<RefScan: {len(self.refs)} refs in {len(self._containers)} containers>"
@@ -167,8 +168,10 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
     """
     containers: dict[int, object] = {}
     found: dict[CacheRef, None] = {}
-    events: list[tuple[int, object]] = []
-    log = events.append
+    marks: list[int] = []
+    items: list[object] = []
+    mark = marks.append
+    log = items.append
     stack: list[object] = [value]
     pop = stack.pop
     push_all = stack.extend
@@ -183,7 +186,8 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
         # expanded once. Invariant (S3-5): a container already seen is never expanded again.
         if tp is dict:
             key = id(x)
-            log((len(stack), key))
+            mark(len(stack))
+            log(key)
             if key in containers:
                 continue
             containers[key] = x
@@ -191,7 +195,8 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
             push_all(reversed(values) if ordered else values)
         elif tp is list:
             key = id(x)
-            log((len(stack), key))
+            mark(len(stack))
+            log(key)
             if key in containers:
                 continue
             containers[key] = x
@@ -199,13 +204,15 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
         elif tp is CacheRef:
             # Invariant (S3-1, S3-6): only CacheRef instances, each distinct one once.
             found[x] = None  # type: ignore[index]
-            log((len(stack), x))
+            mark(len(stack))
+            log(x)
         else:
             kind = _kind_of(tp)
             if kind == 0:
                 continue
             key = id(x)
-            log((len(stack), key))
+            mark(len(stack))
+            log(key)
             if key in containers:
                 continue
             containers[key] = x
@@ -214,7 +221,7 @@ def scan_refs(value: object, *, ordered: bool = False) -> RefScan:
                 push_all(reversed(list(children)))
             else:
                 push_all(children)
-    return RefScan(value, tuple(found), containers=containers, events=events)
+    return RefScan(value, tuple(found), containers=containers, marks=marks, items=items)
 
 
 def collect_cache_refs(value: object) -> list[CacheRef]:
@@ -238,41 +245,34 @@ def _dirty_containers(scan: RefScan, resolved: Mapping[CacheRef, object]) -> set
     sub-trees and cycles), without touching a single leaf. Dirtiness then spreads from the
     direct holders of resolved refs up the reversed edges, breadth first.
     """
-    containers = scan._containers
+    # The open containers, innermost last, with the index each was popped from; the sentinel
+    # at the bottom (index -1, id -1) holds the root.
+    open_marks: list[int] = [-1]
+    open_ids: list[int] = [-1]
     first_holder: dict[int, int] = {}
     more_holders: dict[int, list[int]] = {}
-    expanded: set[int] = set()
     direct: set[int] = set()
-    open_marks: list[int] = []
-    open_ids: list[int] = []
-    for mark, item in scan._events:
-        while open_marks and open_marks[-1] > mark:
+    ref_type = CacheRef
+    for mark, item in zip(scan._marks, scan._items, strict=True):
+        while open_marks[-1] > mark:
             open_marks.pop()
             open_ids.pop()
-        holder = open_ids[-1] if open_ids else None
-        if type(item) is CacheRef:
-            if holder is not None and item in resolved:
-                direct.add(holder)
-            continue
-        assert type(item) is int
-        if holder is not None:
-            if item in first_holder:
-                more_holders.setdefault(item, []).append(holder)
-            else:
-                first_holder[item] = holder
-        if item not in expanded and item in containers:
-            expanded.add(item)
+        if type(item) is ref_type:
+            if item in resolved:
+                direct.add(open_ids[-1])
+        elif item in first_holder:
+            # A revisit: one more edge into a shared or cyclic container.
+            more_holders.setdefault(item, []).append(open_ids[-1])
+        else:
+            first_holder[item] = open_ids[-1]  # type: ignore[index]
             open_marks.append(mark)
-            open_ids.append(item)
+            open_ids.append(item)  # type: ignore[arg-type]
     dirty = set(direct)
     todo = deque(direct)
     while todo:
         cid = todo.popleft()
-        holder_id = first_holder.get(cid)
-        if holder_id is None:
-            continue
-        for h in (holder_id, *more_holders.get(cid, ())):
-            if h not in dirty:
+        for h in (first_holder[cid], *more_holders.get(cid, ())):
+            if h != -1 and h not in dirty:
                 dirty.add(h)
                 todo.append(h)
     return dirty
