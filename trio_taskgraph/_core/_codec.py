@@ -245,14 +245,24 @@ def _ext_value(code: int, fields: object) -> object:
 
 def _ext_hook(code: int, data: bytes) -> object:
     """The ext hook for data no longer than every length limit (msgpack's own bounds)."""
+    if code == 1:  # EXT_CACHE_REF, inlined: it is on the hot path of every ref message
+        try:
+            fields = _msgpack_unpackb(data)
+        except (ValueError, TypeError) as exc:
+            raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
+        if type(fields) is list and len(fields) == 3:
+            try:
+                return CacheRef(fields[0], fields[1], fields[2])
+            except (TypeError, ValueError) as exc:
+                raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
+        raise WireFormatError("malformed CacheRef ext payload: want [ref, size, mime]")
     # Invariant (S5-3): known ext types only.
-    if code != 1 and code != 2:
+    if code != 2:
         raise WireFormatError(f"unknown ext type {code} (known: {EXT_CACHE_REF}, {EXT_BLOB})")
     try:
         fields = _msgpack_unpackb(data)
     except (ValueError, TypeError) as exc:
-        name = "CacheRef" if code == 1 else "Blob"
-        raise WireFormatError(f"malformed {name} ext payload: {exc}") from None
+        raise WireFormatError(f"malformed Blob ext payload: {exc}") from None
     return _ext_value(code, fields)
 
 
