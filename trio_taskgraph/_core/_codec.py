@@ -40,8 +40,9 @@ depth and msgpack's built-in timestamp ext, are checked after decoding, cheaply:
 only be deeper than ``max_depth`` if the data holds more than ``max_depth`` bytes that could be
 container headers (counted in one C-level ``bytes.translate`` pass, skipped entirely for data
 no longer than ``max_depth``), and can only hold a timestamp if the data contains ``0xff``
-right after one of the eleven timestamp-shaped ext headers. Only when a bound fails is the decoded value
-walked (iteratively) to check exactly.
+right after one of the eleven timestamp-shaped ext headers. Only when a bound fails is the
+decoded value walked (iteratively) to check exactly. Small messages under the default limits
+take an inlined path (`unpackb`) that skips everything msgpack already guarantees.
 """
 
 from __future__ import annotations
@@ -177,11 +178,9 @@ _msgpack_packb: Final = msgpack.packb
 
 def _default(obj: object) -> object:
     if type(obj) is CacheRef:
-        return msgpack.ExtType(
-            EXT_CACHE_REF, msgpack.packb([obj.ref, obj.size, obj.mime], use_bin_type=True)
-        )
+        return msgpack.ExtType(EXT_CACHE_REF, _msgpack_packb([obj.ref, obj.size, obj.mime]))
     if type(obj) is Blob:
-        return msgpack.ExtType(EXT_BLOB, msgpack.packb([obj.mime, obj.data], use_bin_type=True))
+        return msgpack.ExtType(EXT_BLOB, _msgpack_packb([obj.mime, obj.data]))
     # Invariant (S5-1): what we cannot encode is a WireFormatError, never a bare TypeError.
     if isinstance(obj, set | frozenset):
         raise WireFormatError(
