@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import trio_taskgraph as tg
-from tests.strategies import wire_values
+from tests.strategies import ref_trees, wire_values
 from trio_taskgraph import wire
 from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder, encode_frame
 
@@ -61,6 +61,31 @@ def test_round_trip(value: object) -> None:
     out = wire.unpackb(wire.packb(value))
     assert out == normalized(value)
     assert wire.packb(out) == wire.packb(value)
+
+
+def _holds_a_set(value: object) -> bool:
+    if isinstance(value, set | frozenset):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_a_set(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_a_set(v) for v in value)
+    return False
+
+
+@given(ref_trees)
+def test_walker_values_round_trip_or_name_the_set(value: object) -> None:
+    """
+    S5-1 (property): the walker's values (refs, blobs, fake refs, every container) cross the
+    wire with refs and blobs intact, or, when they hold a set, are refused naming it.
+    """
+    if _holds_a_set(value):
+        with pytest.raises(tg.WireFormatError, match="set"):
+            wire.packb(value)
+        return
+    out = wire.unpackb(wire.packb(value))
+    assert out == normalized(value)
+    assert tg.collect_cache_refs(out) == tg.collect_cache_refs(value)
 
 
 def test_refs_and_blobs_keep_their_types() -> None:
