@@ -146,6 +146,54 @@ async def test_concurrency_bound_with_virtual_time(autojump_clock: trio.abc.Cloc
     assert peak == 5
 
 
+async def test_a_shared_limiter_bounds_several_calls(autojump_clock: trio.abc.Clock) -> None:
+    """S3-8: with ``limiter=``, concurrent calls share one bound."""
+    in_flight = 0
+    peak = 0
+
+    async def slow(ref: tg.CacheRef) -> object:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await trio.sleep(1)
+        in_flight -= 1
+        return ref.ref
+
+    shared = trio.CapacityLimiter(3)
+    results: list[object] = []
+
+    async def one(tag: str) -> None:
+        refs = [tg.CacheRef(f"{tag}{i}") for i in range(5)]
+        results.append(await tg.resolve_output(refs, slow, max_concurrency=8, limiter=shared))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "a")
+        nursery.start_soon(one, "b")
+    assert peak == 3
+    assert sorted(map(str, results)) == sorted(str([f"{t}{i}" for i in range(5)]) for t in "ab")
+    assert shared.borrowed_tokens == 0
+
+
+async def test_cancel_while_waiting_for_a_shared_token() -> None:
+    """Cancellation: parked on an exhausted shared limiter; nothing taken, nothing called."""
+    shared = trio.CapacityLimiter(1)
+    resolver = CountingResolver()
+    await shared.acquire()
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: tg.resolve_output([A, B], resolver, limiter=shared))
+                await trio.testing.wait_all_tasks_blocked()
+                assert shared.statistics().tasks_waiting == 2  # one per worker
+                scope.cancel()
+        assert scope.cancelled_caught
+    finally:
+        shared.release()
+    assert resolver.calls == []
+    assert shared.statistics().tasks_waiting == 0
+    assert shared.borrowed_tokens == 0
+
+
 async def test_first_error_cancels_the_others_and_propagates_as_itself() -> None:
     """S3-9 (the seed's L-2): the first resolver error cancels the rest, no group."""
     cancelled: list[str] = []
