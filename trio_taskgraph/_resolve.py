@@ -153,6 +153,7 @@ async def resolve_job_output(
     ports: Iterable[str] | None = None,
     filter: RefFilter | None = None,  # noqa: A002 -- same name as resolve_output's
     max_concurrency: int = 8,
+    limiter: trio.CapacityLimiter | None = None,
 ) -> object:
     """
     Hydrate the refs in a job's ``output`` from a repository or a resolver.
@@ -168,6 +169,7 @@ async def resolve_job_output(
             producer's output cannot make us read a ref it planted in another field).
         filter: as for `resolve_output`.
         max_concurrency: as for `resolve_output`.
+        limiter: as for `resolve_output`.
 
     Returns:
         The hydrated output; ``output`` itself when nothing was resolved. With ``ports``,
@@ -185,7 +187,7 @@ async def resolve_job_output(
     resolver = _as_resolver(source)
     if ports is None:
         return await resolve_output(
-            output, resolver, filter=filter, max_concurrency=max_concurrency
+            output, resolver, filter=filter, max_concurrency=max_concurrency, limiter=limiter
         )
     if isinstance(ports, str):
         raise TypeError("ports must be an iterable of port names, not a single str")
@@ -195,7 +197,7 @@ async def resolve_job_output(
     allowed = {port: output[port] for port in dict.fromkeys(ports) if port in output}
     # One walk over the allowed ports together: a ref shared between them resolves once.
     hydrated = await resolve_output(
-        allowed, resolver, filter=filter, max_concurrency=max_concurrency
+        allowed, resolver, filter=filter, max_concurrency=max_concurrency, limiter=limiter
     )
     if hydrated is allowed:
         return output
