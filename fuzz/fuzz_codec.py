@@ -175,7 +175,12 @@ def main() -> int:
         check_one(data)
 
     atexit.register(lambda: print(f"inputs run: {counter[0]}"))
-    argv = [sys.argv[0], *rest, f"-max_total_time={max(1, int(args.seconds))}", str(CORPUS)]
+    # Seed inputs by file list: a corpus directory argument would make libFuzzer write its
+    # new inputs into the repository.
+    seeds = ",".join(str(p) for p in sorted(CORPUS.glob("*")) if p.is_file())
+    argv = [sys.argv[0], *rest, f"-max_total_time={max(1, int(args.seconds))}"]
+    if seeds:
+        argv.append(f"-seed_inputs={seeds}")
     atheris.Setup(argv, test_one_input)
     atheris.Fuzz()
     return 0  # pragma: no cover - atheris exits the process
