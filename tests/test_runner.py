@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import trio_taskgraph as tg
 from trio_taskgraph import wire
@@ -519,3 +520,134 @@ async def test_listener_sees_status_events_and_progress_in_order() -> None:
     assert all(e.node_id == "n1" and e.task_type == Produce.type for e in events)
     states = [e.event.state for e in events if isinstance(e.event, tg.TaskStatus)]
     assert states == ["started", "completed"]
+
+
+class Unkeyed(tg.Task):
+    """A non-cacheable producer (its bytes can't be named by a key)."""
+
+    type = "test_runner.Unkeyed"
+    input_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}}}
+    output_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
+    }
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        size = inputs["size"]
+        assert isinstance(size, int)
+        for start in range(0, size, 64 * KIB):
+            yield tg.BinaryDelta("data", b"u" * min(64 * KIB, size - start))
+
+
+class Transform(tg.Task):
+    """A non-cacheable streaming transform (upper-cases ASCII bytes as they pass)."""
+
+    type = "test_runner.Transform"
+    input_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
+    output_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
+    }
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        stream = inputs["data"]
+        assert isinstance(stream, tg.BinaryInputStream)
+        async for chunk in stream:
+            yield tg.BinaryDelta("data", bytes(chunk).upper())
+
+
+async def test_three_tasks_produce_transform_cache_sink_with_a_4_mib_budget(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """S6-41, S6-42, S6-51: produce -> transform -> cache sink (FsOutputRepository) with a
+    4 MiB budget. 64 MiB here to keep the suite fast; bench/bench_pipeline.py moves 1 GiB.
+    No channel holds more than the budget plus one chunk, the non-cacheable producer keeps
+    nothing (its port only feeds a stream), and the transform's row is saved under a
+    run-unique key (its input stream can't be named), so it never hits but keeps its blob."""
+    import trio_taskgraph._stream_processor as sp
+
+    channels: list[tg.ByteSendChannel[object]] = []
+    real = sp.open_byte_channel
+
+    def recording(high_water_bytes: int) -> object:
+        send, receive = real(high_water_bytes)
+        channels.append(send)
+        return send, receive
+
+    monkeypatch.setattr(sp, "open_byte_channel", recording)
+    size = 64 * MIB
+    budget = 4 * MIB
+    repo = tg.FsOutputRepository(tmp_path / "cache")
+    try:
+        for _run in range(2):
+            graph = tg.TaskGraph()
+            p = graph.add(Unkeyed(), inputs={"size": size})
+            x = graph.add(Transform())
+            t = graph.add(PassThrough())
+            graph.connect(p, "data", x, "data")
+            graph.connect(x, "data", t, "data")
+            outs = await tg.run_graph(
+                graph, config=tg.RunConfig(cache=repo, binary_high_water_bytes=budget)
+            )
+            assert outs[p] == {}  # S6-51: nothing kept for a stream-only port
+            assert outs[x] == {}
+            ref = outs[t]["data"]
+            assert isinstance(ref, tg.CacheRef)
+            assert ref.size == size
+        async with repo.open_output_stream_by_ref(ref) as chunks:
+            async for chunk in chunks:
+                assert chunk == b"U" * len(chunk)
+        for ch in channels:
+            stats = ch.statistics()
+            assert stats.peak_buffered_bytes <= budget + 64 * KIB
+            assert stats.parked_senders == 0
+        stats_after = await repo.stats()
+        assert stats_after.rows == 2  # two runs, two run-unique rows, no hit
+        assert stats_after.blobs == 2
+        assert (await repo.gc(min_age=0)).blobs == 0  # every blob has its row
+    finally:
+        await repo.aclose()
+
+
+async def test_keyed_stream_source_makes_the_consumer_hit() -> None:
+    """S6-45: a consumer of a keyed (cacheable) stream source is keyed by the source's
+    provenance, so a second run hits both and neither task runs."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo, reference_threshold_bytes=0)
+
+    def build() -> tuple[tg.TaskGraph, str]:
+        graph = tg.TaskGraph()
+        p = graph.add(Produce(), inputs={"size": 70_000})
+        t = graph.add(PassThrough())
+        graph.connect(p, "data", t, "data")
+        return graph, t
+
+    graph, t = build()
+    first = await tg.run_graph(graph, config=config)
+    Produce.runs = 0
+    events: list[tg.RunEvent] = []
+    graph, t = build()
+    second = await tg.run_graph(graph, config=config, on_event=events.append)
+    assert Produce.runs == 0
+    assert second == first
+    cached = {e.node_id for e in events if e.event == tg.TaskStatus(state="cached")}
+    assert cached == {"n1", "n2"}
+    ref = second[t]["data"]
+    assert isinstance(ref, tg.CacheRef)
+    assert await repo.get_output_by_ref(ref) == expected(70_000)
+
+
+async def test_checkpoints_and_bad_arguments() -> None:
+    """S6-40: run_graph is a checkpoint; wrong argument types are refused."""
+    with trio.testing.assert_checkpoints():
+        await tg.run_task(Measure(), {"data": b"abc"})
+    with pytest.raises(TypeError):
+        await tg.run_graph("not a graph")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await tg.run_graph(tg.TaskGraph(), config="x")  # type: ignore[arg-type]
+    graph = tg.TaskGraph()
+    graph.add(Measure())
+    with pytest.raises(tg.PortSchemaError, match="required input 'data'"):
+        await tg.run_graph(graph)

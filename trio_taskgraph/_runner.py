@@ -15,9 +15,12 @@ Theory of operation:
   (the run-private one first, then the shared backing) and inlined per the input port's
   format, then the inputs are checked (S6-25, S6-33, S6-46); the cache key is computed from
   the resolved inputs.
-- A node is *keyed* (cacheable in this run) when its task is cacheable, the run has a cache,
-  and every streamed input comes from a keyed node: a streamed input enters the key as its
-  provenance (source task type, source key, source port), never as bytes.
+- A node is *keyed* (cacheable in this run) when its task is cacheable and the run has a
+  cache. A streamed input enters the key as its provenance (source task type, source key,
+  source port), never as bytes; from an unkeyed source it enters as a run-unique name, so the
+  row is saved (keeping its blobs alive) but never looked up (S6-52).
+- A binary port that no sink stores and only streaming consumers read is not accumulated:
+  its bytes went to the consumers (S6-51).
 - A keyed node looks its row up first (S6-45): a usable row with no dangling ref is a hit; the
   task is skipped, refs replay as `BinaryDelta` chunks to streaming consumers under their
   budget (S6-24) and hydrate for materialising ones. Otherwise the task runs: its stream goes
@@ -133,6 +136,7 @@ class _Node:
     started: trio.Event = attrs.Factory(trio.Event)
     finished: trio.Event = attrs.Factory(trio.Event)
     key: dict[str, object] | None = None
+    lookup: bool = True
     edge_output: Mapping[str, object] = attrs.Factory(dict)
     out_edges: dict[str, list[StreamEdge]] = attrs.Factory(dict)
     in_edges: dict[str, StreamEdge] = attrs.Factory(dict)
@@ -258,7 +262,8 @@ class _Run:
                 node.key = self._key(node, inputs)
                 node.started.set()
                 self.emit(node, TaskStatus(state="started"))
-                if node.key is None or not await self._try_hit(node):
+                hit = node.key is not None and node.lookup and await self._try_hit(node)
+                if not hit:
                     await self._execute(node, inputs)
                 ok = True
                 node.finished.set()
@@ -317,9 +322,15 @@ class _Run:
             if edge.mode != "stream":
                 continue
             source = self.nodes[edge.src]
-            if source.key is None:
-                return None  # the bytes of an unkeyed stream can't be named
-            key[edge.dst_port] = {"$stream": [source.task_type, source.key, edge.src_port]}
+            if source.key is None or not source.lookup:
+                # The bytes of an unkeyed stream can't be named: the row is stored under a
+                # run-unique key (it keeps its blobs alive and its refs valid) and never hits.
+                node.lookup = False
+                key[edge.dst_port] = {
+                    "$stream": ["run", self.run_id, source.node_id, edge.src_port]
+                }
+            else:
+                key[edge.dst_port] = {"$stream": [source.task_type, source.key, edge.src_port]}
         return key
 
     async def _read_ref(self, ref: CacheRef) -> bytes:
@@ -424,11 +435,14 @@ class _Run:
         ports = node.spec.outputs
         keyed = node.key is not None
         streams = keyed and cache is not None and cache.supports_streaming()
-        routes = binary_routes(
-            ports,
-            cacheable=keyed,
-            cache_streams=streams,
-            consumer_modes=self._consumer_modes(node),
+        modes = self._consumer_modes(node)
+        routes = binary_routes(ports, cacheable=keyed, cache_streams=streams, consumer_modes=modes)
+        # Invariant (S6-51): a port no sink stores and only streaming consumers read is not
+        # kept: its bytes went to the consumers (a pass-through never holds its payload).
+        edge_only = frozenset(
+            port
+            for port, route in routes.items()
+            if not route.sink and modes.get(port) == frozenset({"stream"})
         )
         sink = None
         if streams:
@@ -455,6 +469,7 @@ class _Run:
             edges=node.out_edges,
             high_water_bytes=self.config.binary_high_water_bytes,
             on_event=emit,
+            edge_only=edge_only,
         )
         processed = await processor.run(events)
         streamed = list(processed.streamed)
