@@ -651,3 +651,154 @@ async def test_checkpoints_and_bad_arguments() -> None:
     graph.add(Measure())
     with pytest.raises(tg.PortSchemaError, match="required input 'data'"):
         await tg.run_graph(graph)
+
+
+class Pair(tg.Task):
+    """Takes a stream and a materialised value."""
+
+    type = "test_runner.Pair"
+    input_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary"}, "size": {"type": "integer"}}
+    }
+    output_schema: Mapping[str, object] = {"properties": {"ok": {}}}
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        return {"ok": True}  # pragma: no cover - never started
+
+
+async def test_a_graph_that_would_stall_is_refused_before_anything_runs() -> None:
+    """S6-53: P streams into C, but C also waits for M to finish, and M waits for P: P
+    would park forever on C's budget. Refused with a PortSchemaError naming the edge."""
+    graph = tg.TaskGraph()
+    p = graph.add(Produce(), inputs={"size": 10 * MIB})
+    m = graph.add(Count())
+    c = graph.add(Pair())
+    graph.connect(p, "data", m, "data")
+    graph.connect(m, "size", c, "size")
+    graph.connect(p, "data", c, "data")
+    Produce.runs = 0
+    with pytest.raises(tg.PortSchemaError, match=rf"{p}\.data -> {c}\.data"):
+        await tg.run_graph(graph)
+    assert Produce.runs == 0
+
+
+class FailingRowSave:
+    """Wraps a repository; its save_output fails after the blobs were streamed."""
+
+    def __init__(self, inner: tg.OutputRepository) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def save_output(self, task_type: str, inputs: object, output: object) -> None:
+        await trio.lowlevel.checkpoint()
+        raise tg.RepositoryError("row commit failed")
+
+
+async def test_orphan_cleanup_through_a_run_private_repository(tmp_path: Path) -> None:
+    """S6-47 (seed late HIGH 1): with a run-private cache over a filesystem backing, a
+    failed row commit deletes the streamed blob on disk (delete_output_by_ref is forwarded)."""
+    backing = tg.FsOutputRepository(tmp_path / "cache")
+    try:
+        private = tg.RunPrivateRepository(backing, "run-7")
+        config = tg.RunConfig(cache=FailingRowSave(private), reference_threshold_bytes=0)
+        with pytest.raises(tg.TaskFailedError, match="row commit failed"):
+            await tg.run_task(Produce(), {"size": 300_000}, config=config)
+        assert (await private.stats()).blobs == 0
+        assert not list((tmp_path / "cache" / "blobs").glob("*.blob"))
+        assert not list((tmp_path / "cache" / "blobs").glob("*.tmp"))
+    finally:
+        await backing.aclose()
+
+
+class NoStreaming:
+    """A repository without streaming saves (rows only, like a JSON-row backing)."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def supports_streaming(self) -> bool:
+        return False
+
+
+async def test_non_streaming_cache_round_trips_inline_binary() -> None:
+    """S6-22, S6-45 (seed H-1): on a backing that can't stream, the row holds the inline
+    Blob, never "{}", and a hit returns the same bytes and MIME type."""
+    repo = NoStreaming()
+    config = tg.RunConfig(cache=repo)
+    first = await tg.run_task(Image(), {"parts": [b"\x89PNG", b"data"]}, config=config)
+    assert first["image"] == tg.Blob(b"\x89PNGdata", "image/png")
+    row = await repo.inner.get_output(Image.type, {"parts": [b"\x89PNG", b"data"]})
+    assert row == {"image": tg.Blob(b"\x89PNGdata", "image/png")}
+    events: list[tg.RunEvent] = []
+    second = await tg.run_task(
+        Image(), {"parts": [b"\x89PNG", b"data"]}, config=config, on_event=events.append
+    )
+    assert second == first
+    assert tg.TaskStatus(state="cached") in [e.event for e in events]
+
+
+class SizelessRefs:
+    """A repository whose refs carry no size (a third-party sink that never sets it)."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def save_output_stream(
+        self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
+    ) -> tg.CacheRef:
+        ref = await self.inner.save_output_stream(task_type, inputs, port, chunks, mime=mime)  # type: ignore[arg-type]
+        return tg.make_cache_ref(ref.ref, mime=ref.mime)
+
+
+async def test_ref_of_unknown_size_is_never_hydrated_blindly() -> None:
+    """S6-19 (seed L-1): a ref without a size stays a ref, however small the blob."""
+    out = await tg.run_task(Produce(), {"size": 10}, config=tg.RunConfig(cache=SizelessRefs()))
+    assert isinstance(out["data"], tg.CacheRef)
+    assert out["data"].size is None
+
+
+async def test_a_listener_that_raises_fails_the_node() -> None:
+    """S6-50: an exception from on_event fails the node it was receiving events for."""
+
+    def listener(event: tg.RunEvent) -> None:
+        if isinstance(event.event, tg.BinaryDelta):
+            raise RuntimeError("listener broke")
+
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(Produce(), {"size": 10}, on_event=listener)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+class RefusingSink:
+    """A repository whose streaming save fails before reading a byte (EACCES)."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def save_output_stream(
+        self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
+    ) -> tg.CacheRef:
+        await trio.lowlevel.checkpoint()
+        raise tg.RepositoryError("EACCES: cannot open the temp file")
+
+
+async def test_sink_failing_before_reading_fails_the_task_promptly() -> None:
+    """S6-44 (seed late HIGH 2), through the runner: 10 MiB against a 1 MiB budget into a
+    sink that never reads; the task fails with the sink's error instead of parking."""
+    config = tg.RunConfig(cache=RefusingSink(), binary_high_water_bytes=MIB)
+    with trio.fail_after(10), pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(Produce(), {"size": 10 * MIB}, config=config)
+    assert info.value.node_id == "n1"
+    assert isinstance(info.value.__cause__, tg.RepositoryError)
+    assert "EACCES" in str(info.value.__cause__)

@@ -66,7 +66,13 @@ from ._core._cache_policy import (
 from ._core._events import BinaryDelta, Blob, BytesLike, Finish, Phase
 from ._core._graph import check_input_values
 from ._core._refs import CacheRef
-from ._errors import DanglingRefError, RefError, StreamProtocolError, TaskFailedError
+from ._errors import (
+    DanglingRefError,
+    PortSchemaError,
+    RefError,
+    StreamProtocolError,
+    TaskFailedError,
+)
 from ._repository._run_private import RunPrivateRepository
 from ._stream_processor import StreamEdge, StreamProcessor
 from ._task import RunConfig, Task, TaskContext, TaskGraph, TaskProgress
@@ -521,6 +527,44 @@ class _Run:
         self.outputs[node.node_id] = await self._hydrate(cache, stored, ports)
 
 
+def _check_no_stall(graph: TaskGraph) -> None:
+    """
+    Refuse a graph where a streaming producer would wait forever (S6-53).
+
+    A consumer starts only once its materialised sources finished (S6-15). If one of them
+    cannot finish before the producer of one of the consumer's *streamed* inputs finishes,
+    that producer fills the consumer's budget and parks, waiting for a consumer that is
+    waiting for it. Checked on the graph alone, before anything starts.
+    """
+    model = graph.model
+    order = model.topological_order()
+    # finish_needs[x]: the nodes that must finish before x can finish (its ancestors).
+    finish_needs: dict[str, frozenset[str]] = {}
+    for node in order:
+        needs: set[str] = set()
+        for edge in model.incoming(node):
+            needs.add(edge.src)
+            needs |= finish_needs[edge.src]
+        finish_needs[node] = frozenset(needs)
+    # start_needs[x]: the nodes that must finish before x can start.
+    start_needs: dict[str, frozenset[str]] = {}
+    for node in order:
+        needs = set()
+        for edge in model.incoming(node):
+            if edge.mode == "materialize":
+                needs.add(edge.src)
+                needs |= finish_needs[edge.src]
+            else:
+                needs |= start_needs[edge.src]
+        start_needs[node] = frozenset(needs)
+    for edge in model.edges:
+        if edge.mode == "stream" and edge.src in start_needs[edge.dst]:
+            raise PortSchemaError(
+                f"edge {edge} would stall: {edge.dst} starts only after {edge.src} finishes, "
+                f"but {edge.src} streams into it under a byte budget and waits for it to read"
+            )
+
+
 async def run_graph(
     graph: TaskGraph,
     *,
@@ -542,7 +586,8 @@ async def run_graph(
         ``config.reference_threshold_bytes`` and `CacheRef` at or above it (S6-43).
 
     Raises:
-        PortSchemaError: a required input has no value and no edge (nothing ran).
+        PortSchemaError: a required input has no value and no edge, or a streaming
+            producer would wait forever for a consumer that waits for it (S6-53); nothing ran.
         TaskFailedError: a task (or its sink, or its row save) failed; it names the task type
             and the node id, the cause is chained (S6-48). The other tasks were cancelled.
 
@@ -556,6 +601,7 @@ async def run_graph(
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, not {type(config).__name__}")
     graph.model.check_complete()
+    _check_no_stall(graph)
     return await _Run(graph, config, on_event).run()
 
 
