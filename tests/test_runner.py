@@ -802,3 +802,23 @@ async def test_sink_failing_before_reading_fails_the_task_promptly() -> None:
     assert info.value.node_id == "n1"
     assert isinstance(info.value.__cause__, tg.RepositoryError)
     assert "EACCES" in str(info.value.__cause__)
+
+
+async def test_a_value_at_a_streamed_input_arrives_as_a_stream() -> None:
+    """S6-54: run_task with bytes (or a Blob, or a ref) at a streamed binary input: the task
+    still receives a BinaryInputStream, and the value (not the stream) is keyed."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo, reference_threshold_bytes=0, binary_high_water_bytes=1000)
+    data = bytes(range(256)) * 20
+    out = await tg.run_task(PassThrough(), {"data": data}, config=config)
+    ref = out["data"]
+    assert isinstance(ref, tg.CacheRef)
+    assert await repo.get_output_by_ref(ref) == data
+    events: list[tg.RunEvent] = []
+    again = await tg.run_task(PassThrough(), {"data": data}, config=config, on_event=events.append)
+    assert again == out
+    assert tg.TaskStatus(state="cached") in [e.event for e in events]
+    blob = await tg.run_task(PassThrough(), {"data": tg.Blob(data)}, config=config)
+    assert await repo.get_output_by_ref(blob["data"]) == data
+    counted = await tg.run_task(Count(), {"data": ref}, config=config)
+    assert counted == {"size": len(data), "md": data}

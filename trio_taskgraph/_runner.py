@@ -63,7 +63,7 @@ from ._core._cache_policy import (
     replay_plan,
     split_chunk,
 )
-from ._core._events import BinaryDelta, Blob, BytesLike, Finish, Phase
+from ._core._events import BinaryDelta, Blob, BytesLike, Finish, Phase, chunk_size
 from ._core._graph import check_input_values
 from ._core._refs import CacheRef
 from ._errors import (
@@ -270,7 +270,7 @@ class _Run:
                 self.emit(node, TaskStatus(state="started"))
                 hit = node.key is not None and node.lookup and await self._try_hit(node)
                 if not hit:
-                    await self._execute(node, inputs)
+                    await self._execute(node, self._as_streams(node, inputs))
                 ok = True
                 node.finished.set()
                 self.emit(node, TaskStatus(state="completed"))
@@ -318,6 +318,28 @@ class _Run:
             else:
                 inputs[port] = Blob(data, ref.mime)
         check_input_values(node.node_id, node.task_type, node.spec.input_schema, inputs)
+        return inputs
+
+    def _as_streams(self, node: _Node, inputs: dict[str, object]) -> dict[str, object]:
+        # Invariant (S6-54): a streamed binary input port always receives a
+        # BinaryInputStream; a value given for it (fixed, materialised or an inlined ref)
+        # is served as chunks of at most `replay_chunk_size` (views, no copy).
+        size = replay_chunk_size(self.config.binary_high_water_bytes)
+        for port, spec in node.spec.inputs.items():
+            if not spec.is_binary or port in node.in_edges or port not in inputs:
+                continue
+            value = inputs[port]
+            data = value.data if isinstance(value, Blob) else value
+            if not isinstance(data, bytes | bytearray | memoryview):
+                continue  # anything else (an async iterable of the caller's) is passed as is
+            pieces = list(split_chunk(data, size))
+            # The bytes are in memory already: a channel that admits them all at once.
+            edge = StreamEdge.open(f"{node.node_id}.{port} (value)", max(1, chunk_size(data)))
+            for piece in pieces:
+                edge.send_channel.send_nowait(piece)
+            edge.finish(failed=False)
+            node.in_edges[port] = edge
+            inputs = {**inputs, port: edge.reader()}
         return inputs
 
     def _key(self, node: _Node, inputs: Mapping[str, object]) -> dict[str, object] | None:
