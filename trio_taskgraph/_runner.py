@@ -42,7 +42,7 @@ Theory of operation:
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal, TypeAlias, cast, final
 
 import attrs
@@ -78,7 +78,7 @@ from ._stream_processor import StreamEdge, StreamProcessor
 from ._task import RunConfig, Task, TaskContext, TaskGraph, TaskProgress
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, AsyncIterator, Callable
+    from collections.abc import AsyncIterable, AsyncIterator
 
     from ._core._events import StreamEvent
     from ._core._graph import NodeSpec
@@ -130,7 +130,7 @@ class RunEvent:
 
 
 #: ``(RunEvent) -> None``: called synchronously; it must not block.
-RunListener: TypeAlias = "Callable[[RunEvent], None]"
+RunListener: TypeAlias = Callable[[RunEvent], None]
 
 
 @attrs.define(eq=False)
