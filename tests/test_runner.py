@@ -823,3 +823,15 @@ async def test_a_value_at_a_streamed_input_arrives_as_a_stream() -> None:
     assert await repo.get_output_by_ref(blob["data"]) == data
     counted = await tg.run_task(Count(), {"data": ref}, config=config)
     assert counted == {"size": len(data), "md": data}
+
+
+async def test_a_listener_that_raises_on_failure_does_not_mask_it() -> None:
+    """S6-50, S6-48: a listener raising on the "failed" status leaves the TaskFailedError."""
+
+    def listener(event: tg.RunEvent) -> None:
+        if isinstance(event.event, tg.TaskStatus) and event.event.state != "started":
+            raise RuntimeError("listener broke on the status")
+
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(Boom(), {}, on_event=listener)
+    assert isinstance(info.value.__cause__, ValueError)

@@ -41,6 +41,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal, TypeAlias, cast, final
@@ -279,10 +280,13 @@ class _Run:
                 self.failures.append(failure)
                 assert self.scope is not None
                 self.scope.cancel()
-                self.emit(node, TaskStatus(state="failed", error=failure))
+                # A listener that raises here can't fail the node twice: its error is dropped.
+                with contextlib.suppress(Exception):
+                    self.emit(node, TaskStatus(state="failed", error=failure))
             except BaseException:
                 if node.started.is_set():
-                    self.emit(node, TaskStatus(state="cancelled"))
+                    with contextlib.suppress(Exception):
+                        self.emit(node, TaskStatus(state="cancelled"))
                 raise
         finally:
             # Invariant (S6-48): no consumer waits forever, no producer stays parked.
