@@ -835,3 +835,14 @@ async def test_a_listener_that_raises_on_failure_does_not_mask_it() -> None:
     with pytest.raises(tg.TaskFailedError) as info:
         await tg.run_task(Boom(), {}, on_event=listener)
     assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_readme_run_a_graph_example(capsys: pytest.CaptureFixture[str]) -> None:
+    """S6-40, S6-42, S6-50: the README's "Run a graph" example runs as written."""
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    section = readme.read_text().split("## Run a graph", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, str(readme), "exec"), {"__name__": "readme_example"})
+    printed = capsys.readouterr().out.split("\n")
+    assert "n1 readme.Render completed" in printed
+    assert "n2 readme.Measure completed" in printed
