@@ -73,6 +73,12 @@ EXPECTED_PUBLIC = {
     "RefResolver",
     "RefFilter",
     "RefSource",
+    # cache server and its client (issue 6)
+    "CacheServerRepository",
+    "CacheServerStatistics",
+    "ClientStatistics",
+    "connect_cache_server",
+    "open_cache_server",
 }
 
 
