@@ -335,6 +335,7 @@ ERROR_KINDS: Final = frozenset(
         "type",  # TypeError
         "value",  # ValueError
         "shutdown",  # CacheServerError: the server is shutting down
+        "aborted",  # CacheServerError: the client aborted the upload; nothing was published
         "internal",  # CacheServerError: a bug in the server
     }
 )
