@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "ERROR_KINDS",
     "PROTOCOL_VERSION",
     "Abort",
     "ChunkMessage",
