@@ -29,13 +29,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgpack
 import trio
 
 from trio_taskgraph import FsOutputRepository, OutputRepository, open_cache_server
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
 CHUNK = 64 * 1024
 SOURCE = os.urandom(8 * 1024 * 1024)
