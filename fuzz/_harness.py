@@ -48,25 +48,37 @@ def load_corpus(name: str) -> list[bytes]:
     return [p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()]
 
 
-def mutate(rng: random.Random, corpus: Sequence[bytes], *, max_len: int = 256) -> bytes:
+def mutate(
+    rng: random.Random,
+    corpus: Sequence[bytes],
+    *,
+    max_len: int = 256,
+    fresh: float = 0.5,
+    magic: Sequence[bytes] = (),
+) -> bytes:
     """
-    The default mutator: fresh random bytes half the time (always, with an empty corpus),
-    otherwise a corpus entry with a few byte flips, inserts, deletes and splices.
+    The default mutator: fresh random bytes with probability ``fresh`` (always, with an
+    empty corpus), otherwise a corpus entry with a few byte flips, inserts, deletes, splices
+    and, when given, ``magic`` tokens (length headers, reserved bytes) inserted at random.
     """
-    if not corpus or rng.random() < 0.5:
+    if not corpus or rng.random() < fresh:
         return rng.randbytes(rng.randint(0, max_len))
     buf = bytearray(rng.choice(corpus))
+    ops = 5 if magic else 4
     for _ in range(rng.randint(1, 8)):
-        op = rng.randrange(4)
+        op = rng.randrange(ops)
         if op == 0 and buf:
             buf[rng.randrange(len(buf))] = rng.randrange(256)
         elif op == 1:
             buf.insert(rng.randint(0, len(buf)), rng.randrange(256))
         elif op == 2 and buf:
             del buf[rng.randrange(len(buf)) :][: rng.randint(1, 8)]
-        else:
+        elif op == 3:
             other = rng.choice(corpus)
             buf[rng.randint(0, len(buf)) :] = other[rng.randint(0, len(other)) :]
+        elif op == 4:
+            pos = rng.randint(0, len(buf))
+            buf[pos:pos] = rng.choice(magic)
     return bytes(buf)
 
 
@@ -125,7 +137,9 @@ def _instrument_our_code(harness_module: str) -> None:
                     print(f"not instrumented: {obj.__qualname__}: {exc}", file=sys.stderr)
 
 
-def _run_atheris(check: Check, name: str, seconds: float, rest: list[str]) -> None:
+def _run_atheris(
+    check: Check, name: str, seconds: float, rest: list[str], cleanup: Callable[[], None]
+) -> None:
     import atheris
 
     _instrument_our_code("__main__")
@@ -134,12 +148,17 @@ def _run_atheris(check: Check, name: str, seconds: float, rest: list[str]) -> No
 
     def one(data: bytes) -> None:
         nonlocal count, deadline
-        _checked(check, name, data)
+        try:
+            _checked(check, name, data)
+        except BaseException:
+            cleanup()  # libFuzzer exits the process after a finding, past atexit
+            raise
         count += 1
         if not deadline:
             deadline = time.monotonic() + seconds  # libFuzzer is up: start the clock
         elif time.monotonic() >= deadline:
             print(f"inputs run: {count}", flush=True)
+            cleanup()
             os._exit(0)
 
     argv = [sys.argv[0], f"-max_total_time={int(seconds) + 30}", *rest]  # a backstop only
@@ -158,11 +177,14 @@ def main(
     description: str,
     check: Check,
     run: Callable[..., int],
+    cleanup: Callable[[], None] = lambda: None,
     argv: Sequence[str] | None = None,
 ) -> int:
     """
     The command line of harness ``name``: atheris when importable, else ``run(seconds,
     seed=seed)``. Prints ``inputs run: N``; returns the exit code (a finding raises).
+    ``cleanup`` releases what ``check`` set up (a server process) on the atheris path, which
+    leaves through ``os._exit``.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
@@ -182,6 +204,6 @@ def main(
     else:
         use_atheris = not args.no_atheris
     if use_atheris:
-        _run_atheris(check, name, args.seconds, rest)  # exits the process
+        _run_atheris(check, name, args.seconds, rest, cleanup)  # exits the process
     print(f"inputs run: {run(args.seconds, seed=args.seed)}")
     return 0

@@ -73,6 +73,15 @@ from ._repository import (
     RunPrivateRepository as RunPrivateRepository,
 )
 
+# cache server and its client (issue 6)
+from ._repository._client import (
+    CacheServerRepository as CacheServerRepository,
+    CacheServerStatistics as CacheServerStatistics,
+    ClientStatistics as ClientStatistics,
+    connect_cache_server as connect_cache_server,
+    open_cache_server as open_cache_server,
+)
+
 # refs and the ref walker (issue 4)
 from ._resolve import (
     RefFilter as RefFilter,
@@ -175,6 +184,12 @@ __all__ = [
     "TaskStatus",
     "TaskState",
     "BinaryInputStream",
+    # cache server and its client (issue 6)
+    "CacheServerRepository",
+    "CacheServerStatistics",
+    "ClientStatistics",
+    "connect_cache_server",
+    "open_cache_server",
 ]
 
 
