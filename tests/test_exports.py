@@ -73,6 +73,22 @@ EXPECTED_PUBLIC = {
     "RefResolver",
     "RefFilter",
     "RefSource",
+    # jobs (issue 8)
+    "open_job_queue",
+    "JobQueue",
+    "JobHandle",
+    "JobQueueStatistics",
+    "JobRecord",
+    "JobState",
+    "JobStore",
+    "MemoryJobStore",
+    "StreamCallback",
+    "JobError",
+    "JobCancelledError",
+    "JobOutputError",
+    "JobStateError",
+    "PermanentJobError",
+    "SubscriberOverflowError",
 }
 
 
