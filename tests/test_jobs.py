@@ -142,6 +142,47 @@ class TwoBlobs(tg.Task):
         return {"a": b"A", "b": b"B"}
 
 
+class BigStream(tg.Task):
+    """Cacheable: streams ``size`` bytes of `_pattern` blocks at one binary port."""
+
+    type = "test_jobs.BigStream"
+    input_schema: Mapping[str, object] = {
+        "properties": {"size": {"type": "integer"}, "chunk": {"type": "integer"}}
+    }
+    output_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
+    }
+    cacheable = True
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        size, chunk = inputs["size"], inputs.get("chunk", 1 << 20)
+        assert isinstance(size, int)
+        assert isinstance(chunk, int)
+        block = _pattern(chunk)
+        sent = 0
+        while sent < size:
+            piece = block[: min(chunk, size - sent)]
+            sent += len(piece)
+            if "gate" in GATES and sent > chunk:
+                await GATES["gate"].wait()
+            yield tg.BinaryDelta("data", piece)
+
+
+class Upper(tg.Task):
+    type = "test_jobs.Upper"
+    input_schema: Mapping[str, object] = {"properties": {"x": {"type": "string"}}}
+    output_schema: Mapping[str, object] = {
+        "properties": {"x": {"type": "string"}, "raw": {"x-stream": "binary"}}
+    }
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        x = inputs["x"]
+        assert isinstance(x, str)
+        return {"x": x.upper(), "raw": x.encode()}
+
+
 def _pattern(size: int, seed: int = 7) -> bytes:
     block = bytes((seed * 31 + i) % 251 for i in range(4096))
     whole, rest = divmod(size, len(block))
@@ -649,37 +690,6 @@ def _expected_digest(size: int, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.slow
-async def test_open_output_stream_256_mib_keeps_memory_bounded(tmp_path: Path) -> None:
-    """S8-12, S8-5: a 256 MiB result streams out of the cache with the reader's memory
-    bounded (a few read chunks, not the payload), exact bytes; the job's record stays small."""
-    size = 256 * 1024 * 1024
-    cache = tg.FsOutputRepository(tmp_path / "cache", read_chunk_bytes=1 << 20)
-    try:
-        config = tg.RunConfig(cache=cache)
-        async with tg.open_job_queue(config, workers=1, _runner=_cache_runner(size)) as queue:
-            handle = queue.submit(Blobby(), {"size": size})
-            record = await handle.result()
-            assert len(wire.packb(dict(record))) < 1024
-            digest = hashlib.sha256()
-            total = 0
-            tracemalloc.start()
-            try:
-                async with handle.open_output_stream() as chunks:
-                    async for chunk in chunks:
-                        digest.update(chunk)
-                        total += len(chunk)
-                _, peak = tracemalloc.get_traced_memory()
-            finally:
-                tracemalloc.stop()
-        assert total == size
-        assert digest.hexdigest() == _expected_digest(size)
-        # A few 1 MiB read chunks at most, never the 256 MiB payload.
-        assert peak < 8 * 1024 * 1024, peak
-    finally:
-        await cache.aclose()
-
-
 async def test_record_keeps_refs_and_resolve_job_output_hydrates(tmp_path: Path) -> None:
     """S8-5: the stored output holds the CacheRef (small); resolve_job_output hydrates it."""
     cache = tg.MemoryOutputRepository()
@@ -785,3 +795,206 @@ async def test_memory_store_forgets_only_finished_jobs() -> None:
         assert store.load(done.id) is None
         assert store.load(waiting.id) == waiting.record
         assert isinstance(store, tg.JobStore)
+
+
+# --- with the real runner -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_256_mib_job_through_the_runner_streams_out_of_the_cache(tmp_path: Path) -> None:
+    """S8-5, S8-12: a cacheable task streams 256 MiB into the cache (a ref in the output);
+    open_output_stream reads it back exactly with bounded reader memory; the record is small."""
+    size = 256 * 1024 * 1024
+    cache = tg.FsOutputRepository(tmp_path / "cache", read_chunk_bytes=1 << 20)
+    try:
+        async with tg.open_job_queue(tg.RunConfig(cache=cache), workers=2) as queue:
+            handle = queue.submit(BigStream(), {"size": size})
+            output = await handle.result()
+            ref = output["data"]
+            assert isinstance(ref, tg.CacheRef)
+            assert ref.size == size
+            assert len(wire.packb(dict(handle.record.output or {}))) < 1024
+            digest = hashlib.sha256()
+            total = 0
+            tracemalloc.start()
+            try:
+                async with handle.open_output_stream() as chunks:
+                    async for chunk in chunks:
+                        digest.update(chunk)
+                        total += len(chunk)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        assert total == size
+        assert digest.hexdigest() == _expected_digest(size)
+        assert peak < 8 * 1024 * 1024, peak
+    finally:
+        await cache.aclose()
+
+
+async def test_cancel_running_streaming_job_leaves_no_temp_file_or_blob(tmp_path: Path) -> None:
+    """S8-10 (S6-49): a job cancelled mid-stream into the cache ends cancelled with no temp
+    file, no blob and no row left."""
+    cache = tg.FsOutputRepository(tmp_path / "cache")
+    try:
+        GATES["gate"] = trio.Event()
+        async with tg.open_job_queue(tg.RunConfig(cache=cache), workers=1) as queue:
+            handle = queue.submit(BigStream(), {"size": 8 << 20, "chunk": 1 << 20})
+            await trio.testing.wait_all_tasks_blocked()
+            assert handle.state == "running"
+            handle.cancel()
+            assert await handle.wait() == "cancelled"
+        names = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+        assert not [n for n in names if n.endswith((".tmp", ".blob"))], names
+        stats = await cache.stats()
+        assert (stats.blobs, stats.rows) == (0, 0)
+    finally:
+        await cache.aclose()
+
+
+async def test_task_failure_is_a_task_failed_error() -> None:
+    """S8-2: through the runner, result() raises TaskFailedError naming the task; the task's
+    own error is the cause; a PermanentJobError cause is not retried."""
+    async with tg.open_job_queue(workers=1) as queue:
+        flaky = queue.submit(Flaky(), {"key": "tf", "fail": 9}, max_retries=1)
+        with pytest.raises(tg.TaskFailedError, match=r"test_jobs\.Flaky") as info:
+            await flaky.result()
+        assert isinstance(info.value.__cause__, OSError)
+        assert FLAKY["tf"] == 2
+        refuse = queue.submit(Refuse(), max_retries=3)
+        with pytest.raises(tg.TaskFailedError):
+            await refuse.result()
+        assert FLAKY["refuse"] == 1
+
+
+async def test_graph_job() -> None:
+    """S8-12: a graph job's result is {node id: output}; its output streams by 'node.port'."""
+    graph = tg.TaskGraph()
+    first = graph.add(Upper(), inputs={"x": "abc"})
+    second = graph.add(Upper())
+    graph.connect(first, "x", second, "x")
+    got: list[tg.StreamEvent] = []
+    async with tg.open_job_queue(workers=1) as queue:
+        handle = queue.submit(graph)
+        handle.on_stream(got.append)
+        result = await handle.result()
+        assert result[first] == {"x": "ABC", "raw": tg.Blob(b"abc")}
+        assert result[second] == {"x": "ABC", "raw": tg.Blob(b"ABC")}
+        assert await _read_all(handle, f"{second}.raw") == b"ABC"
+        with pytest.raises(tg.JobOutputError, match="name the port"):
+            await _read_all(handle)
+        with pytest.raises(tg.JobOutputError, match="no node"):
+            await _read_all(handle, "n9.raw")
+    assert [e for e in got if isinstance(e, tg.Finish)] == [
+        tg.Finish({"x": "ABC", "raw": b"abc"}),
+        tg.Finish({"x": "ABC", "raw": b"ABC"}),
+    ]
+
+
+# --- cancelling the park points -------------------------------------------------------------
+
+
+async def test_cancelling_a_result_wait_leaves_the_job_alone(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """S8-10, STYLE 9: a cancelled ``result()``/``wait()`` leaves the job running."""
+    async with tg.open_job_queue(workers=1) as queue:
+        handle = queue.submit(Gate(), {"name": "w"})
+        with trio.move_on_after(5) as scope:
+            await handle.result()
+        assert scope.cancelled_caught
+        assert handle.state == "running"
+        GATES["w"].set()
+        assert await handle.result() == {"name": "w"}
+
+
+async def test_cancel_while_a_subscriber_is_parked() -> None:
+    """S8-9, S8-10: a job cancelled while an async subscriber is parked ends cancelled and its
+    delivery task is gone with it."""
+    entered = trio.Event()
+
+    async def stuck(event: tg.StreamEvent) -> None:
+        entered.set()
+        await trio.sleep_forever()
+
+    async with tg.open_job_queue(workers=1) as queue:
+        handle = queue.submit(Chatty(), {"n": 3})
+        handle.on_stream(stuck)
+        await entered.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert handle.state == "running"  # not terminal until subscribers drain (S8-9)
+        handle.cancel()
+        assert await handle.wait() == "cancelled"
+        assert queue.statistics().running == 0
+
+
+async def test_cancel_while_reading_an_output_stream(tmp_path: Path) -> None:
+    """S8-12, STYLE 9: a reader cancelled mid-stream closes the blob reader; the job and the
+    blob stay intact and can be read again."""
+    cache = tg.FsOutputRepository(tmp_path / "cache", read_chunk_bytes=1 << 16)
+    try:
+        async with tg.open_job_queue(tg.RunConfig(cache=cache), workers=1) as queue:
+            handle = queue.submit(BigStream(), {"size": 1 << 20, "chunk": 1 << 16})
+            await handle.result()
+            with trio.CancelScope() as scope:
+                async with handle.open_output_stream() as chunks:
+                    async for _ in chunks:
+                        scope.cancel()
+            assert scope.cancelled_caught
+            assert handle.state == "completed"
+            assert await _read_all(handle) == _full(1 << 20, 1 << 16)
+    finally:
+        await cache.aclose()
+
+
+# --- observing and forgetting ---------------------------------------------------------------
+
+
+async def test_every_transition_is_observable(caplog: pytest.LogCaptureFixture) -> None:
+    """S8-1: on_transition sees each record: submit, start, retry, start, succeed, in order;
+    a raising observer is logged and dropped."""
+    seen: list[tuple[str, str, int]] = []
+
+    def broken(record: tg.JobRecord) -> None:
+        raise RuntimeError("observer broke")
+
+    async with tg.open_job_queue(workers=1) as queue:
+        queue.on_transition(lambda r: seen.append((r.id, r.state.value, r.attempt)))
+        queue.on_transition(broken)
+        handle = queue.submit(Flaky(), {"key": "obs", "fail": 1}, max_retries=1)
+        await handle.result()
+        gone = queue.submit(Echo(), run_after=math.inf)
+        gone.cancel()
+        with pytest.raises(TypeError):
+            queue.on_transition(42)  # type: ignore[arg-type]
+    assert seen == [
+        (handle.id, "pending", 0),
+        (handle.id, "running", 1),
+        (handle.id, "pending", 1),
+        (handle.id, "running", 2),
+        (handle.id, "completed", 2),
+        (gone.id, "pending", 0),
+        (gone.id, "cancelled", 0),
+    ]
+    assert "observer broke" in caplog.text
+    assert len([r for r in caplog.records if "on_transition" in r.getMessage()]) == 1
+
+
+async def test_forget_drops_finished_jobs_only() -> None:
+    """S8-11: forget() removes a finished job from the queue and the store; a held handle keeps
+    working; an unfinished job cannot be forgotten."""
+    store = tg.MemoryJobStore()
+    async with tg.open_job_queue(workers=1, store=store) as queue:
+        done = queue.submit(Echo(), {"x": 5})
+        await done.result()
+        waiting = queue.submit(Echo(), run_after=math.inf)
+        with pytest.raises(ValueError, match="pending"):
+            queue.forget(waiting.id)
+        queue.forget(done.id)
+        with pytest.raises(KeyError):
+            queue.handle(done.id)
+        with pytest.raises(KeyError):
+            queue.forget(done.id)
+        assert store.load(done.id) is None
+        assert await done.result() == {"x": 5}
+        assert len(store) == 1

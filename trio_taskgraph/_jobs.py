@@ -47,7 +47,6 @@ import attrs
 import trio
 
 from ._byte_channel import ByteReceiveChannel, ByteSendChannel, open_byte_channel
-from ._core._accumulate import OutputAccumulator
 from ._core._constants import DEFAULT_HIGH_WATER_BYTES
 from ._core._events import (
     BinaryDelta,
@@ -75,9 +74,9 @@ from ._errors import (
     JobStateError,
     PermanentJobError,
     SubscriberOverflowError,
-    TaskGraphError,
 )
-from ._task import RunConfig, Task, TaskContext, TaskGraph
+from ._runner import RunEvent, run_graph, run_task
+from ._task import RunConfig, Task, TaskGraph
 
 if TYPE_CHECKING:
     from ._core._events import StreamEvent
@@ -137,43 +136,21 @@ class JobWork:
 JobRunner: TypeAlias = Callable[[JobWork, _Emit], Awaitable[Mapping[str, object]]]
 
 
-async def _run_with_accumulator(work: JobWork, emit: _Emit) -> Mapping[str, object]:
-    # Interim runner for single tasks, used until the graph runner is merged: it runs the
-    # task's execute / execute_stream and accumulates its output with the pure core.
+async def _run_with_runner(work: JobWork, emit: _Emit) -> Mapping[str, object]:
+    # The real runner: run_task / run_graph, their listener feeding the job's subscribers.
+    def on_event(run_event: RunEvent) -> None:
+        event = run_event.event
+        if isinstance(event, _STREAM_EVENT_TYPES):
+            emit(event)
+
     target = work.target
-    if not isinstance(target, Task):
-        raise TaskGraphError("graph jobs need the graph runner (run_graph)")
-    cls = type(target)
-
-    def report(item: object) -> None:
-        if isinstance(item, Phase):
-            emit(item)
-
-    ctx = TaskContext(
-        node_id="n1", run_id=work.config.run_id or "job", task_type=cls.type, report=report
-    )
-    accumulator = OutputAccumulator(cls.output_ports)
-    if cls.is_streaming():
-        stream = target.execute_stream(work.inputs, ctx)
-        try:
-            async for event in stream:
-                accumulator.feed(event)
-                emit(event)
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                with trio.CancelScope(shield=True):
-                    await aclose()
-        return accumulator.result().output
-    result = await target.execute(work.inputs, ctx)
-    accumulator.feed(Finish(result))
-    out = accumulator.result().output
-    emit(Finish(out))
-    return out
+    if isinstance(target, Task):
+        return await run_task(target, work.inputs, config=work.config, on_event=on_event)
+    return await run_graph(target, config=work.config, on_event=on_event)
 
 
 def _default_runner() -> JobRunner:
-    return _run_with_accumulator
+    return _run_with_runner
 
 
 # --- job store ------------------------------------------------------------------------------
@@ -200,6 +177,10 @@ class JobStore(Protocol):
 
     def load(self, job_id: str) -> JobRecord | None:
         """Return the latest record of ``job_id``, or None."""
+        ...
+
+    def forget(self, job_id: str) -> None:
+        """Drop the record of a finished job (unknown or unfinished ids are left alone)."""
         ...
 
     async def flush(self) -> None:
@@ -609,6 +590,7 @@ class JobQueue:
         self._peak_running = 0
         self._counts = dict.fromkeys(JobState, 0)
         self._dropped = 0
+        self._observers: list[Callable[[JobRecord], object]] = []
 
     @property
     def config(self) -> RunConfig:
@@ -703,10 +685,47 @@ class JobQueue:
         self._jobs[job_id] = job
         self._store.save(record)
         self._counts[JobState.PENDING] += 1
+        self._notify(record)
         # Invariant (S8-3): due at run_after, or at submission time.
         self._schedule.push(job_id, now if run_after is None else float(run_after))
         self._lot.unpark()
         return handle
+
+    def on_transition(self, callback: Callable[[JobRecord], object]) -> None:
+        """
+        Call ``callback(record)`` synchronously after every job transition, with the job's new
+        record (a submitted job's first record included). It must not block; one that raises
+        is logged and dropped.
+
+        Raises:
+            TypeError: ``callback`` is not callable.
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        self._observers.append(callback)
+
+    def forget(self, job_id: str) -> None:
+        """
+        Drop a finished job from the queue and its store, so a long-lived queue does not keep
+        every job; handles already held keep working.
+
+        Raises:
+            KeyError: no such job in this queue.
+            ValueError: the job is not finished.
+        """
+        job = self._jobs[job_id]
+        if not job.record.terminal:
+            raise ValueError(f"job {job_id} is {job.record.state.value}, not finished")
+        del self._jobs[job_id]
+        self._store.forget(job_id)
+
+    def _notify(self, record: JobRecord) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(record)
+            except Exception:
+                logger.exception("on_transition observer %r raised; it is dropped", observer)
+                self._observers.remove(observer)
 
     def handle(self, job_id: str) -> JobHandle:
         """
@@ -738,6 +757,7 @@ class JobQueue:
         self._store.save(job.record)
         if job.record.terminal:
             job.done.set()
+        self._notify(job.record)
 
     def _cancel(self, job: _Job) -> None:
         state = job.record.state
