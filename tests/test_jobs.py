@@ -615,7 +615,8 @@ async def _read_all(handle: tg.JobHandle, port: str | None = None) -> bytes:
 
 
 async def test_open_output_stream_inline_value() -> None:
-    """S8-12: an inline binary value is streamed too, in bounded chunks."""
+    """S8-12: an inline binary value is streamed too, in bounded chunks (never one huge
+    chunk: the seed's M-6 applied to readers)."""
     async with tg.open_job_queue(workers=1) as queue:
         handle = queue.submit(Blobby(), {"size": 300_000})
         async with handle.open_output_stream() as chunks:
@@ -803,7 +804,8 @@ async def test_memory_store_forgets_only_finished_jobs() -> None:
 @pytest.mark.slow
 async def test_256_mib_job_through_the_runner_streams_out_of_the_cache(tmp_path: Path) -> None:
     """S8-5, S8-12: a cacheable task streams 256 MiB into the cache (a ref in the output);
-    open_output_stream reads it back exactly with bounded reader memory; the record is small."""
+    open_output_stream reads it back exactly with bounded reader memory (M-6: bounded chunks);
+    the record is small (the seed's queue-row bloat, Spec 2)."""
     size = 256 * 1024 * 1024
     cache = tg.FsOutputRepository(tmp_path / "cache", read_chunk_bytes=1 << 20)
     try:
@@ -998,3 +1000,26 @@ async def test_forget_drops_finished_jobs_only() -> None:
         assert store.load(done.id) is None
         assert await done.result() == {"x": 5}
         assert len(store) == 1
+
+
+async def test_a_ref_planted_outside_the_binary_port_is_never_streamed() -> None:
+    """S8-12 (the seed's M-1): a producer that plants a branded CacheRef in another field
+    cannot make open_output_stream read it, with or without a port."""
+    cache = tg.MemoryOutputRepository()
+    secret = await cache.save_output_stream("other", {}, "data", _one(b"secret"))
+
+    async def runner(work: JobWork, emit: Callable[[tg.StreamEvent], None]) -> dict[str, object]:
+        await trio.lowlevel.checkpoint()
+        return {"data": b"public", "note": secret}
+
+    async with tg.open_job_queue(tg.RunConfig(cache=cache), workers=1, _runner=runner) as queue:
+        handle = queue.submit(Blobby(), {"size": 6})
+        assert await _read_all(handle) == b"public"
+        with pytest.raises(tg.JobOutputError, match="not a declared binary"):
+            await _read_all(handle, "note")
+    await cache.aclose()
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    await trio.lowlevel.checkpoint()
+    yield data

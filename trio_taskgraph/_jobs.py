@@ -323,8 +323,7 @@ class JobHandle:
 
         Cancellation: a checkpoint; cancelling the wait leaves the job alone.
         """
-        await trio.lowlevel.checkpoint()
-        await self._job.done.wait()
+        await self._job.done.wait()  # a checkpoint whether or not it is set already
         return self._job.record.state
 
     async def result(self) -> Mapping[str, object]:
@@ -800,8 +799,12 @@ class JobQueue:
     async def _run(self, job: _Job) -> None:
         record = job.record
         config = job.work.config
-        run_id = f"{record.id}-{record.attempt}"
-        work = attrs.evolve(job.work, config=attrs.evolve(config, run_id=run_id))
+        # Each attempt runs as "<job id>-<attempt>".
+        work = JobWork(
+            target=job.work.target,
+            inputs=job.work.inputs,
+            config=attrs.evolve(config, run_id=f"{record.id}-{record.attempt}"),
+        )
         output: Mapping[str, object] | None = None
         error: Exception | None = None
         job.finished_stream = False

@@ -270,15 +270,32 @@ class JobRecord:
             JobStateError: the transition does not exist.
         """
         state = transition(self.state, event)
+        # Built directly (not attrs.evolve): this runs twice per job on the queue's hot path.
+        attempt, kept_output, kept_error, kept_run_after = (
+            self.attempt,
+            self.output,
+            self.error,
+            self.run_after,
+        )
         if event is JobEvent.START:
-            return attrs.evolve(self, state=state, attempt=self.attempt + 1)
-        if event is JobEvent.SUCCEED:
-            return attrs.evolve(self, state=state, output=output)
-        if event is JobEvent.RETRY:
-            return attrs.evolve(self, state=state, error=error, run_after=run_after)
-        if event is JobEvent.FAIL:
-            return attrs.evolve(self, state=state, error=error)
-        return attrs.evolve(self, state=state)
+            attempt += 1
+        elif event is JobEvent.SUCCEED:
+            kept_output = output
+        elif event is JobEvent.RETRY:
+            kept_error, kept_run_after = error, run_after
+        elif event is JobEvent.FAIL:
+            kept_error = error
+        return JobRecord(
+            id=self.id,
+            kind=self.kind,
+            task_type=self.task_type,
+            state=state,
+            attempt=attempt,
+            max_retries=self.max_retries,
+            run_after=kept_run_after,
+            output=kept_output,
+            error=kept_error,
+        )
 
 
 @final
