@@ -564,9 +564,9 @@ async def test_failed_attempts_end_with_a_stream_error() -> None:
 
 
 async def test_slow_lossy_subscriber_is_dropped_with_a_clear_error() -> None:
-    """S8-7, S8-8: a subscriber that falls more than its budget behind is dropped: it gets
-    what was buffered, then StreamError(SubscriberOverflowError); memory stays bounded; the
-    job and the other subscribers are unaffected."""
+    """S8-7, S8-8: a lossy subscriber that falls more than its budget behind is dropped: it
+    gets what was buffered, then StreamError(SubscriberOverflowError); memory stays bounded;
+    the job and the other subscribers are unaffected."""
     release = trio.Event()
     slow: list[tg.StreamEvent] = []
     fast: list[tg.StreamEvent] = []
@@ -577,7 +577,7 @@ async def test_slow_lossy_subscriber_is_dropped_with_a_clear_error() -> None:
 
     async with tg.open_job_queue(workers=1) as queue:
         handle = queue.submit(Chatty(), {"n": 200})
-        handle.on_stream(slow_cb, high_water_bytes=2000)
+        handle.on_stream(slow_cb, high_water_bytes=2000, lossy=True)
         handle.on_stream(fast.append)
         await trio.testing.wait_all_tasks_blocked()
         release.set()
@@ -591,6 +591,89 @@ async def test_slow_lossy_subscriber_is_dropped_with_a_clear_error() -> None:
     # Bounded: the dropped one received at most its budget's worth of events (plus one).
     assert len(slow) - 1 <= 2000 // 64 + 1
     assert queue.statistics().subscribers_dropped == 1
+
+
+class Burst(tg.Task):
+    """Yields ``n`` 1 KiB chunks without ever awaiting."""
+
+    type = "test_jobs.Burst"
+    input_schema: Mapping[str, object] = {"properties": {"n": {"type": "integer"}}}
+    output_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        n = inputs["n"]
+        assert isinstance(n, int)
+        for i in range(n):
+            yield tg.BinaryDelta("data", bytes([i % 256]) * 1024)
+
+
+async def test_slow_subscriber_applies_backpressure() -> None:
+    """S8-7, S8-8 (default mode): a slow subscriber makes the task wait instead of losing
+    events: while it is stuck the task produces at most about its budget; once released,
+    it receives every event in order."""
+    release = trio.Event()
+    slow: list[tg.StreamEvent] = []
+    fast: list[tg.StreamEvent] = []
+
+    async def slow_cb(event: tg.StreamEvent) -> None:
+        await release.wait()
+        slow.append(event)
+
+    async with tg.open_job_queue(workers=1) as queue:
+        handle = queue.submit(Chatty(), {"n": 200})
+        handle.on_stream(slow_cb, high_water_bytes=2000)
+        handle.on_stream(fast.append)
+        await trio.testing.wait_all_tasks_blocked()
+        assert handle.state == "running"  # parked on the slow subscriber, not finished
+        # Budget 2000 bytes at >= 64 bytes an event, plus the events between two pacing
+        # points (one) and the one the delivery task holds.
+        assert len(fast) <= 2000 // 64 + 3
+        release.set()
+        output = await handle.result()
+    assert slow == fast
+    assert len(fast) == 1 + 3 * 200 + 1
+    assert isinstance(fast[-1], tg.Finish)
+    assert fast[-1].data == output
+    assert queue.statistics().subscribers_dropped == 0
+
+
+@pytest.mark.parametrize("lossy", [False, True])
+async def test_a_subscriber_that_keeps_up_is_never_dropped(lossy: bool) -> None:
+    """S8-8: a task that never awaits still pauses after each event while someone listens,
+    so a subscriber that keeps up sees everything even with a small budget."""
+    got: list[tg.StreamEvent] = []
+    async with tg.open_job_queue(workers=1) as queue:
+        handle = queue.submit(Burst(), {"n": 500})
+        handle.on_stream(got.append, high_water_bytes=8 * 1024, lossy=lossy)
+        output = await handle.result()
+    chunks = [e for e in got if isinstance(e, tg.BinaryDelta)]
+    assert len(chunks) == 500
+    assert b"".join(bytes(c.chunk) for c in chunks) == bytes(output["data"].data)  # type: ignore[union-attr]
+    assert queue.statistics().subscribers_dropped == 0
+
+
+async def test_backpressure_in_a_graph_job() -> None:
+    """S8-8: graph jobs are paced too (the graph is rebuilt over paced copies of its tasks,
+    same node ids); a slow subscriber loses nothing."""
+    graph = tg.TaskGraph()
+    a = graph.add(Burst(), inputs={"n": 300})
+    b = graph.add(Chatty(), inputs={"n": 50})
+    got: list[tg.StreamEvent] = []
+
+    async def slowish(event: tg.StreamEvent) -> None:
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        got.append(event)
+
+    async with tg.open_job_queue(workers=1) as queue:
+        handle = queue.submit(graph)
+        handle.on_stream(slowish, high_water_bytes=4096)
+        result = await handle.result()
+    assert set(result) == {a, b}
+    assert len([e for e in got if isinstance(e, tg.BinaryDelta) and e.port == "data"]) == 350
+    assert queue.statistics().subscribers_dropped == 0
 
 
 async def test_on_stream_checks_its_arguments() -> None:
@@ -1023,3 +1106,32 @@ async def test_a_ref_planted_outside_the_binary_port_is_never_streamed() -> None
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     await trio.lowlevel.checkpoint()
     yield data
+
+
+async def test_backpressured_job_cancelled_at_each_checkpoint() -> None:
+    """S8-8, S8-10, S7: a streaming job whose subscribers push back (and one lossy one),
+    cancelled at each checkpoint, leaves no task behind and every job terminal."""
+    from trio_taskgraph.testing import cancel_at_each_checkpoint, torture_max_points
+
+    handles: list[tg.JobHandle] = []
+
+    async def scenario() -> None:
+        handles.clear()
+
+        async def slow(event: tg.StreamEvent) -> None:
+            await trio.lowlevel.checkpoint()
+
+        async with tg.open_job_queue(workers=1) as queue:
+            handle = queue.submit(Chatty(), {"n": 4})
+            handles.append(handle)
+            handle.on_stream(slow, high_water_bytes=200)
+            handle.on_stream(lambda e: None, high_water_bytes=100, lossy=True)
+            await handle.result()
+
+    def check() -> None:
+        assert all(h.record.terminal for h in handles), [h.state for h in handles]
+
+    report = await cancel_at_each_checkpoint(
+        scenario, check=check, max_points=torture_max_points(25)
+    )
+    assert report.steps > 0

@@ -18,8 +18,11 @@ Theory of operation:
 - A running job's stream events reach its subscribers through the runner's listener, which
   is synchronous (it must not block the task): each subscriber has a byte-budget channel of
   its own, filled with ``send_nowait``, and a delivery task that calls its callback in order.
-  A subscriber whose budget is full is dropped with `SubscriberOverflowError` (bounded loss,
-  S8-8): memory per subscriber never exceeds its budget plus one event. A callback that
+  To let a slow subscriber push back (S8-8), a streaming task runs as a copy whose stream
+  stops after each event at `_pace`: a checkpoint (deliveries run), then, for a subscriber
+  whose channel was full, the backlog is sent with an awaited ``send`` (the task parks until
+  there is room). A ``lossy`` subscriber is dropped instead with `SubscriberOverflowError`.
+  Memory per subscriber never exceeds twice its budget plus one event. A callback that
   raises is logged and dropped; the others go on (S8-9). A job is marked terminal only after
   its subscribers have drained, so ``await result()`` returning means every event was
   delivered.
@@ -35,12 +38,14 @@ Theory of operation:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Protocol, TypeAlias, final, runtime_checkable
 
 import attrs
@@ -76,7 +81,7 @@ from ._errors import (
     SubscriberOverflowError,
 )
 from ._runner import RunEvent, run_graph, run_task
-from ._task import RunConfig, Task, TaskGraph
+from ._task import RunConfig, Task, TaskContext, TaskGraph
 
 if TYPE_CHECKING:
     from ._core._events import StreamEvent
@@ -231,9 +236,15 @@ class MemoryJobStore:
 class _Subscriber:
     callback: StreamCallback
     high_water_bytes: int
+    lossy: bool = False
     dropped: bool = False
     overflowed: bool = False
     send: ByteSendChannel[StreamEvent] | None = None
+    # Backpressure mode: events offered while the channel was full wait here, in order, until
+    # the producer's next pacing point sends them (parking it); bounded by S8-8.
+    backlog: deque[StreamEvent] = attrs.Factory(deque)
+    backlog_bytes: int = 0
+    flushing: trio.Lock = attrs.Factory(trio.Lock)
 
 
 @final
@@ -365,18 +376,24 @@ class JobHandle:
         self._queue._cancel(self._job)
 
     def on_stream(
-        self, callback: StreamCallback, *, high_water_bytes: int = DEFAULT_HIGH_WATER_BYTES
+        self,
+        callback: StreamCallback,
+        *,
+        high_water_bytes: int = DEFAULT_HIGH_WATER_BYTES,
+        lossy: bool = False,
     ) -> None:
         """
         Subscribe ``callback`` to the job's stream events (text, object, binary chunks,
         snapshots, phases, finish, error), delivered in order, from the next event on.
 
         ``callback(event)`` may be a plain function or an ``async`` one. Each subscriber is
-        isolated: one that raises is logged and dropped, the others go on (S8-9). A subscriber
-        buffers at most ``high_water_bytes`` of events (spec S8-7); one that falls further
-        behind is dropped, and its last event is ``StreamError(SubscriberOverflowError)``
-        (S8-8). A failed attempt ends with a `StreamError` before any retry's events. On a
-        finished job, nothing is delivered.
+        isolated: one that raises is logged and dropped, the others go on (S8-9). Each has a
+        byte-budget channel of ``high_water_bytes`` (spec S8-7). By default a subscriber that
+        falls that far behind applies backpressure: the job's task waits after its next event
+        until the subscriber has caught up (S8-8). With ``lossy=True`` it is dropped instead,
+        and its last event is ``StreamError(SubscriberOverflowError)``. A failed attempt ends
+        with a `StreamError` before any retry's events. On a finished job, nothing is
+        delivered.
 
         Raises:
             TypeError: ``callback`` is not callable, or ``high_water_bytes`` is not an int.
@@ -388,7 +405,9 @@ class JobHandle:
         job = self._job
         if job.record.terminal:
             return
-        subscriber = _Subscriber(callback=callback, high_water_bytes=high_water_bytes)
+        subscriber = _Subscriber(
+            callback=callback, high_water_bytes=high_water_bytes, lossy=bool(lossy)
+        )
         job.subscribers.append(subscriber)
         if job.accepting and job.nursery is not None:
             _start_delivery(job, subscriber, job.nursery)
@@ -539,6 +558,24 @@ async def _deliver(
             )
 
 
+def _overflow(job: _Job, subscriber: _Subscriber) -> None:
+    # Invariant (S8-8): a subscriber never holds more than its budget (plus its backlog,
+    # itself bounded by the budget): past that it is dropped with a clear error.
+    send = subscriber.send
+    subscriber.dropped = True
+    subscriber.overflowed = True
+    subscriber.backlog.clear()
+    subscriber.backlog_bytes = 0
+    logger.warning(
+        "on_stream subscriber %r of job %s overflowed its %d-byte budget; dropped",
+        subscriber.callback,
+        job.record.id,
+        subscriber.high_water_bytes,
+    )
+    if send is not None:
+        send.close()
+
+
 def _publish(job: _Job, event: StreamEvent) -> None:
     # The runner's listener: synchronous, never blocks (S8-8).
     if isinstance(event, Finish | StreamError):
@@ -547,21 +584,91 @@ def _publish(job: _Job, event: StreamEvent) -> None:
         send = subscriber.send
         if send is None or subscriber.dropped:
             continue
+        if subscriber.backlog:
+            # Keep the order: nothing overtakes the backlog.
+            subscriber.backlog.append(event)
+            subscriber.backlog_bytes += event_budget_size(event)
+            if subscriber.backlog_bytes > subscriber.high_water_bytes:
+                _overflow(job, subscriber)
+            continue
         try:
             send.send_nowait(event)
         except trio.WouldBlock:
-            # Invariant (S8-8): bounded loss: a full budget drops the subscriber.
-            subscriber.dropped = True
-            subscriber.overflowed = True
-            logger.warning(
-                "on_stream subscriber %r of job %s overflowed its %d-byte budget; dropped",
-                subscriber.callback,
-                job.record.id,
-                subscriber.high_water_bytes,
-            )
-            send.close()
+            if subscriber.lossy:
+                _overflow(job, subscriber)
+            else:
+                subscriber.backlog.append(event)
+                subscriber.backlog_bytes = event_budget_size(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             subscriber.dropped = True
+
+
+async def _pace(job: _Job) -> None:
+    # Called by a paced task after each event it yields (the runner has published it by then).
+    if not job.subscribers:
+        return
+    # Invariant (S8-8): a checkpoint per event lets the delivery tasks run, so a subscriber
+    # that keeps up is never behind by more than what one scheduling round produced.
+    await trio.lowlevel.checkpoint()
+    if any(subscriber.backlog for subscriber in job.subscribers):
+        # Another paced task may be flushing: then this one waits on the subscriber's lock.
+        await _flush(job)
+
+
+async def _flush(job: _Job) -> None:
+    # Backpressure: send each backlog through its byte-budget channel, parking until room.
+    for subscriber in list(job.subscribers):
+        if not subscriber.backlog:
+            continue
+        async with subscriber.flushing:
+            while subscriber.backlog and not subscriber.dropped:
+                send = subscriber.send
+                if send is None:
+                    break
+                event = subscriber.backlog.popleft()
+                subscriber.backlog_bytes -= event_budget_size(event)
+                try:
+                    await send.send(event)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    subscriber.dropped = True
+                    subscriber.backlog.clear()
+                    subscriber.backlog_bytes = 0
+
+
+def _paced_task(task: Task, job: _Job) -> Task:
+    # A copy of a streaming task whose event stream pauses at `_pace` after each event: the
+    # only place a job can wait for its subscribers, since the runner's listener is sync.
+    # Non-streaming tasks yield one event and need nothing.
+    if not type(task).is_streaming():
+        return task
+    clone = copy.copy(task)
+    original = task.execute_stream
+
+    async def execute_stream(
+        inputs: Mapping[str, object], ctx: TaskContext
+    ) -> AsyncIterator[StreamEvent]:
+        async with aclosing(original(inputs, ctx)) as stream:  # type: ignore[type-var]
+            async for event in stream:
+                yield event
+                await _pace(job)
+
+    clone.execute_stream = execute_stream  # type: ignore[method-assign]
+    return clone
+
+
+def _paced_target(target: Task | TaskGraph, job: _Job) -> Task | TaskGraph:
+    if isinstance(target, Task):
+        return _paced_task(target, job)
+    if not any(type(target.task(node)).is_streaming() for node in target.nodes):
+        return target
+    # The same graph (same node ids, fixed inputs and edges) over paced copies of its tasks.
+    graph = TaskGraph()
+    for node in target.nodes:
+        new_id = graph.add(_paced_task(target.task(node), job), inputs=target.fixed_inputs(node))
+        assert new_id == node
+    for edge in target.edges:
+        graph.connect(edge.src, edge.src_port, edge.dst, edge.dst_port)
+    return graph
 
 
 @final
@@ -801,7 +908,7 @@ class JobQueue:
         config = job.work.config
         # Each attempt runs as "<job id>-<attempt>".
         work = JobWork(
-            target=job.work.target,
+            target=_paced_target(job.work.target, job),
             inputs=job.work.inputs,
             config=attrs.evolve(config, run_id=f"{record.id}-{record.attempt}"),
         )
@@ -819,17 +926,22 @@ class JobQueue:
                     for subscriber in job.subscribers:
                         _start_delivery(job, subscriber, nursery)
                     try:
-                        output = await self._runner(work, lambda event: _publish(job, event))
-                        if not job.finished_stream and isinstance(job.work.target, Task):
-                            _publish(job, Finish(output))
-                    except Exception as exc:
-                        error = exc
-                        if not job.finished_stream:
-                            _publish(job, StreamError(exc))
+                        try:
+                            output = await self._runner(work, lambda e: _publish(job, e))
+                            if not job.finished_stream and isinstance(job.work.target, Task):
+                                _publish(job, Finish(output))
+                        except Exception as exc:
+                            error = exc
+                            if not job.finished_stream:
+                                _publish(job, StreamError(exc))
+                        # What the subscribers could not take yet (S8-8), before the end.
+                        await _flush(job)
                     finally:
                         # Invariant (S8-9): subscribers drain before the job is terminal.
                         job.accepting = False
                         for subscriber in job.subscribers:
+                            subscriber.backlog.clear()
+                            subscriber.backlog_bytes = 0
                             if subscriber.send is not None:
                                 subscriber.send.close()
                                 subscriber.send = None
