@@ -13,7 +13,9 @@ import math
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import ClassVar
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -1135,3 +1137,47 @@ async def test_backpressured_job_cancelled_at_each_checkpoint() -> None:
         scenario, check=check, max_points=torture_max_points(25)
     )
     assert report.steps > 0
+
+
+@attrs.frozen
+class FrozenBurst(tg.Task):
+    """A frozen attrs task: pacing must not need plain attribute assignment."""
+
+    type = "test_jobs.FrozenBurst"
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"data": {"x-stream": "binary"}}}
+    n: int = 50
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        for i in range(self.n):
+            yield tg.BinaryDelta("data", bytes([i]) * 512)
+
+
+class Uncopyable(tg.Task):
+    type = "test_jobs.Uncopyable"
+    output_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
+
+    def __copy__(self) -> Uncopyable:
+        raise TypeError("no copies")
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        yield tg.BinaryDelta("data", b"x")
+
+
+async def test_frozen_and_uncopyable_tasks_run_with_subscribers() -> None:
+    """S8-8: a frozen attrs task is paced like any other; a task that cannot be copied runs
+    unpaced (its subscribers still get every event while they keep up)."""
+    got: list[tg.StreamEvent] = []
+    other: list[tg.StreamEvent] = []
+    async with tg.open_job_queue(workers=1) as queue:
+        frozen = queue.submit(FrozenBurst(n=50))
+        frozen.on_stream(got.append, high_water_bytes=2048)
+        await frozen.result()
+        odd = queue.submit(Uncopyable())
+        odd.on_stream(other.append)
+        assert await odd.result() == {"data": tg.Blob(b"x")}
+    assert len([e for e in got if isinstance(e, tg.BinaryDelta)]) == 50
+    assert [type(e) for e in other] == [tg.BinaryDelta, tg.Finish]

@@ -641,7 +641,6 @@ def _paced_task(task: Task, job: _Job) -> Task:
     # Non-streaming tasks yield one event and need nothing.
     if not type(task).is_streaming():
         return task
-    clone = copy.copy(task)
     original = task.execute_stream
 
     async def execute_stream(
@@ -652,7 +651,13 @@ def _paced_task(task: Task, job: _Job) -> Task:
                 yield event
                 await _pace(job)
 
-    clone.execute_stream = execute_stream  # type: ignore[method-assign]
+    try:
+        clone = copy.copy(task)
+        # object.__setattr__: a frozen (attrs) task class refuses plain assignment.
+        object.__setattr__(clone, "execute_stream", execute_stream)
+    except Exception:  # an uncopyable task runs unpaced: lossy delivery only (S8-8)
+        logger.debug("task %r cannot be copied; its job runs without pacing", task)
+        return task
     return clone
 
 
