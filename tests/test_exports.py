@@ -87,6 +87,22 @@ EXPECTED_PUBLIC = {
     "ClientStatistics",
     "connect_cache_server",
     "open_cache_server",
+    # jobs (issue 8)
+    "open_job_queue",
+    "JobQueue",
+    "JobHandle",
+    "JobQueueStatistics",
+    "JobRecord",
+    "JobState",
+    "JobStore",
+    "MemoryJobStore",
+    "StreamCallback",
+    "JobError",
+    "JobCancelledError",
+    "JobOutputError",
+    "JobStateError",
+    "PermanentJobError",
+    "SubscriberOverflowError",
 }
 
 

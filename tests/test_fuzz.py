@@ -106,6 +106,22 @@ def test_fuzz_keys_reports_a_finding(monkeypatch: pytest.MonkeyPatch) -> None:
         harness.TestOneInput(bytes.fromhex("0802060000060100") + b"\x00" * 8)
 
 
+def test_fuzz_jobs_reports_a_finding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jobs harness raises when the schedule ignores run_after (the seed's stores did)."""
+    from trio_taskgraph._core._jobs import JobSchedule
+
+    harness = _load("fuzz_jobs")
+
+    class IgnoresRunAfter(JobSchedule):
+        def pop_due(self, now: float) -> str | None:
+            return super().pop_due(float("inf"))
+
+    monkeypatch.setattr(harness, "JobSchedule", IgnoresRunAfter)
+    with pytest.raises(AssertionError, match="S8-3"):
+        # submit with run_after = now + 6, then claim at now: nothing may be popped.
+        harness.TestOneInput(bytes([0, 10, 1, 2, 0, 0]))
+
+
 def test_run_all_summarises_and_fails_on_a_finding(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

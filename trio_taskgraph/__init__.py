@@ -61,6 +61,23 @@ from ._errors import (
     TaskGraphInternalError as TaskGraphInternalError,
     WireFormatError as WireFormatError,
 )
+from ._jobs import (  # jobs (issue 8)
+    JobCancelledError as JobCancelledError,
+    JobError as JobError,
+    JobHandle as JobHandle,
+    JobOutputError as JobOutputError,
+    JobQueue as JobQueue,
+    JobQueueStatistics as JobQueueStatistics,
+    JobRecord as JobRecord,
+    JobState as JobState,
+    JobStateError as JobStateError,
+    JobStore as JobStore,
+    MemoryJobStore as MemoryJobStore,
+    PermanentJobError as PermanentJobError,
+    StreamCallback as StreamCallback,
+    SubscriberOverflowError as SubscriberOverflowError,
+    open_job_queue as open_job_queue,
+)
 
 # output repositories (issue 5)
 from ._repository import (
@@ -190,6 +207,22 @@ __all__ = [
     "ClientStatistics",
     "connect_cache_server",
     "open_cache_server",
+    # jobs (issue 8)
+    "open_job_queue",
+    "JobQueue",
+    "JobHandle",
+    "JobQueueStatistics",
+    "JobRecord",
+    "JobState",
+    "JobStore",
+    "MemoryJobStore",
+    "StreamCallback",
+    "JobError",
+    "JobCancelledError",
+    "JobOutputError",
+    "JobStateError",
+    "PermanentJobError",
+    "SubscriberOverflowError",
 ]
 
 
