@@ -470,11 +470,12 @@ class _Run:
         modes = self._consumer_modes(node)
         routes = binary_routes(ports, cacheable=keyed, cache_streams=streams, consumer_modes=modes)
         # Invariant (S6-51): a port no sink stores and only streaming consumers read is not
-        # kept: its bytes went to the consumers (a pass-through never holds its payload).
+        # kept: its bytes went to the consumers (a pass-through never holds its payload). A
+        # keyed node without a sink keeps it: its row must hold the value (inline).
         edge_only = frozenset(
             port
             for port, route in routes.items()
-            if not route.sink and modes.get(port) == frozenset({"stream"})
+            if not keyed and not route.sink and modes.get(port) == frozenset({"stream"})
         )
         sink = None
         if streams:
