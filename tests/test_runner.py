@@ -846,3 +846,69 @@ def test_readme_run_a_graph_example(capsys: pytest.CaptureFixture[str]) -> None:
     printed = capsys.readouterr().out.split("\n")
     assert "n1 readme.Render completed" in printed
     assert "n2 readme.Measure completed" in printed
+
+
+class HandsARef(tg.Task):
+    """Returns a ref it was given at its binary port (an explicit CacheRef value)."""
+
+    type = "test_runner.HandsARef"
+    input_schema: Mapping[str, object] = {"properties": {"ref": {"type": "string"}}}
+    output_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
+    }
+    refs: dict[str, tg.CacheRef] = {}  # noqa: RUF012 - a test's shared table
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        name = inputs["ref"]
+        assert isinstance(name, str)
+        return {"data": type(self).refs[name]}
+
+
+async def test_an_explicit_ref_replays_to_streaming_consumers() -> None:
+    """S6-41, S6-24: a ref given as a task's binary value reaches its streaming consumers as
+    chunks read from the run's cache, within their budget."""
+    repo = tg.MemoryOutputRepository()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"q" * 5000
+
+    HandsARef.refs["a"] = await repo.save_output_stream("x", {}, "p", chunks())
+    graph = tg.TaskGraph()
+    h = graph.add(HandsARef(), inputs={"ref": "a"})
+    c = graph.add(Count())
+    graph.connect(h, "data", c, "data")
+    outs = await tg.run_graph(graph, config=tg.RunConfig(cache=repo, binary_high_water_bytes=700))
+    assert outs[c] == {"size": 5000, "md": b"q" * 5000}
+    assert outs[h]["data"] == b"q" * 5000  # below the threshold: hydrated (S6-19)
+
+
+class NoStreamingReads(NoStreaming):
+    """Neither streaming saves nor streaming reads."""
+
+    def supports_streaming_reads(self) -> bool:
+        return False
+
+
+async def test_hit_with_inline_values_and_no_streaming_reads_replays_to_consumers() -> None:
+    """S6-24, S6-45: on a cache that stores inline values and can't stream reads, a hit still
+    replays the inline bytes to streaming consumers in budget-sized chunks."""
+    repo = NoStreamingReads()
+    config = tg.RunConfig(cache=repo, binary_high_water_bytes=1000)
+
+    def build() -> tuple[tg.TaskGraph, str]:
+        graph = tg.TaskGraph()
+        p = graph.add(Produce(), inputs={"size": 4500, "chunk": 1000})
+        c = graph.add(Count())
+        graph.connect(p, "data", c, "data")
+        return graph, c
+
+    graph, c = build()
+    first = await tg.run_graph(graph, config=config)
+    Produce.runs = 0
+    events: list[tg.RunEvent] = []
+    graph, c = build()
+    second = await tg.run_graph(graph, config=config, on_event=events.append)
+    assert Produce.runs == 0
+    assert second[c] == first[c] == {"size": 4500, "md": expected(4500, 1000)}
+    sizes = [e.event.size for e in events if isinstance(e.event, tg.BinaryDelta)]
+    assert sizes == [1000, 1000, 1000, 1000, 500]
