@@ -21,6 +21,7 @@ import trio.testing
 import trio_taskgraph as tg
 from trio_taskgraph._cache_server import CacheServer, prepare_socket_path
 from trio_taskgraph._core._codec import encode_frame, packb
+from trio_taskgraph._core._keys import input_digest as tg_input_digest
 from trio_taskgraph._core._messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -444,13 +445,14 @@ async def test_slow_reader_does_not_make_the_server_buffer_the_blob(tmp_path: Pa
                 if got == chunk:
                     # The server may now fill the whole window, and no more: wait until it
                     # has (its reads run in threads, so poll on the real clock), then check
-                    # that it holds at most the one chunk it cannot send yet.
+                    # that it holds at most the chunk it cannot send yet and the one it
+                    # read ahead.
                     await _wait_for(lambda: repo.statistics().buffered_bytes >= window)
-                    await _wait_for(lambda: server.statistics().buffered_bytes == chunk)
+                    await _wait_for(lambda: server.statistics().buffered_bytes == 2 * chunk)
                     assert repo.statistics().buffered_bytes == window
-                    assert server.statistics().buffered_bytes == chunk
+                    assert server.statistics().buffered_bytes == 2 * chunk
         assert got == 32 * MiB
-        assert server.statistics().peak_buffered_bytes <= max(base, window + chunk + 8192)
+        assert server.statistics().peak_buffered_bytes <= max(base, 2 * chunk + 8192)
         assert repo.statistics().peak_buffered_bytes <= window + chunk + 256 * 1024
 
 
@@ -686,3 +688,45 @@ async def test_welcome_announces_the_limits(server: ServerProcess) -> None:
         end = await raw.receive()
         assert isinstance(end, Data)
         assert end.end
+
+
+async def test_row_cache_never_serves_a_stale_row(server: ServerProcess) -> None:
+    """S5-15: writes and prunes through the server invalidate cached rows, on every connection."""
+    async with (
+        tg.connect_cache_server(server.socket_path, namespace="rows") as a,
+        tg.connect_cache_server(server.socket_path, namespace="rows") as b,
+    ):
+        assert await a.get_output("t", {"k": 1}) is None  # a cached miss
+        await b.save_output("t", {"k": 1}, {"v": 1})
+        assert await a.get_output("t", {"k": 1}) == {"v": 1}
+        assert await a.get_output("t", {"k": 1}) == {"v": 1}  # now from the cache
+        await b.save_output("t", {"k": 1}, {"v": 2})
+        assert await a.get_output("t", {"k": 1}) == {"v": 2}
+        assert await b.delete_by_task_type_prefix("t") == 1
+        assert await a.get_output("t", {"k": 1}) is None
+        await b.save_output("t", {"k": 1}, {"v": 3})
+        assert await a.get_output("t", {"k": 1}) == {"v": 3}
+        assert await b.clear_older_than(0.0) == 1
+        assert await a.get_output("t", {"k": 1}) is None
+
+        async def writer(i: int) -> None:
+            await b.save_output("race", {}, {"v": i})
+
+        for i in range(20):  # a read racing a write never caches the old row afterwards
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer, i)
+                nursery.start_soon(a.get_output, "race", {})
+            assert await a.get_output("race", {}) == {"v": i}
+
+
+async def test_a_cached_row_is_still_confined_to_its_tenant(server: ServerProcess) -> None:
+    """S5-11, S5-15: a row cached for one tenant is refused to a connection of another."""
+    async with tg.connect_cache_server(server.socket_path, namespace="owner") as owner:
+        await owner.save_output("t", {}, {"secret": 1})
+        assert await owner.get_output("t", {}) == {"secret": 1}  # cached now
+    digest = tg_input_digest({})
+    async with RawClient.connect(server.socket_path, namespace="thief") as raw:
+        await raw.send(GetOutput(id=1, ns="owner", task_type="t", digest=digest))
+        reply = await raw.receive()
+        assert isinstance(reply, Failed), reply
+        assert "outside" in reply.message
