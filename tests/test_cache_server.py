@@ -730,3 +730,63 @@ async def test_a_cached_row_is_still_confined_to_its_tenant(server: ServerProces
         reply = await raw.receive()
         assert isinstance(reply, Failed), reply
         assert "outside" in reply.message
+
+
+# --- the seed's review findings, in this area --------------------------------------------
+
+
+async def test_upload_refused_before_reading_does_not_park_the_producer(tmp_path: Path) -> None:
+    """Seed late HIGH 2: a sink that fails before reading must not leave the producer parked."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_bytes(b"")
+    async with (
+        in_process_server(not_a_folder) as (_server, sock),
+        tg.connect_cache_server(sock) as repo,
+    ):
+        pulled = 0
+
+        async def endless() -> AsyncIterator[bytes]:
+            nonlocal pulled
+            while True:
+                pulled += 1
+                yield b"p" * 65536
+
+        with trio.fail_after(10), pytest.raises(tg.CacheServerError):
+            await repo.save_output_stream("t", {}, "p", endless())
+        # The window bounds what the producer could run ahead of the refusal.
+        assert pulled * 65536 <= repo.statistics().window + 2 * MiB
+        assert repo.statistics().requests == 0
+
+
+async def test_downloads_are_chunked_under_credit_whatever_was_uploaded(
+    server: ServerProcess,
+) -> None:
+    """Seed M-6: a blob saved as one huge chunk is read back in bounded chunks, with backpressure."""
+    async with tg.connect_cache_server(server.socket_path, namespace="m6") as repo:
+        data = bytes(range(256)) * (5 * 4096)  # 5 MiB in one chunk
+        ref = await repo.save_output_stream("t", {}, "p", _one(data))
+        # Seed L-1: the server's refs carry their size.
+        assert ref.size == len(data)
+        stats = await repo.server_stats()
+        sizes = []
+        async with repo.open_output_stream_by_ref(ref) as chunks:
+            async for piece in chunks:
+                sizes.append(len(piece))
+                assert repo.statistics().buffered_bytes <= stats.window
+        assert sum(sizes) == len(data)
+        assert max(sizes) <= stats.chunk_bytes
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def test_rows_keep_inline_binary_values_across_the_wire(server: ServerProcess) -> None:
+    """Seed H-1: a Blob or bytes inside a row crosses the process boundary intact, never as {}."""
+    async with tg.connect_cache_server(server.socket_path, namespace="h1") as repo:
+        row = {"image": tg.Blob(b"\x89PNG\r\n", "image/png"), "raw": b"\x00\x01"}
+        await repo.save_output("t", {}, row)
+        got = await repo.get_output("t", {})
+        assert got == row
+        assert isinstance(got["image"], tg.Blob)
+        assert got["image"].mime == "image/png"
