@@ -61,7 +61,7 @@ from .crash_child import SETUP_TIME, WORK_TIME, content, digest, stream_size
 CHILD = Path(__file__).with_name("crash_child.py")
 CRASH_MAX_POINTS_ENV = "CRASH_MAX_POINTS"
 #: Crash points per workload in ``make test`` (spread evenly, first and last moment included).
-DEFAULT_POINTS = 4
+DEFAULT_POINTS = 3
 _NAME = re.compile(r"/([0-9a-f]{32})#")
 
 Op = Mapping[str, object]
