@@ -45,4 +45,4 @@ torture: $(STAMP)
 # FsOutputRepository workloads (CRASH_MAX_POINTS=0: all of them; `make test` runs a sample).
 .PHONY: crash
 crash: $(STAMP)
-	CRASH_MAX_POINTS=0 $(BIN)/python -m pytest -q -s -p no:faulthandler tests/repository/test_crash_points.py
+	CRASH_MAX_POINTS=0 $(BIN)/python -m pytest -q -s tests/repository/test_crash_points.py
