@@ -30,22 +30,9 @@ HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus" / "keys"
 sys.path.insert(0, str(HERE.parent))
 
-try:
-    import atheris
-except ImportError:
-    atheris = None
-
-if atheris is not None and __name__ == "__main__":
-    # Coverage feedback for our package only: `instrument_all()` instrumented every loaded
-    # module (~6,000 functions, about three minutes of a 60 s budget on this machine).
-    with atheris.instrument_imports(include=["trio_taskgraph"]):
-        from trio_taskgraph._core._keys import RefSigner, canonical_encode
-        from trio_taskgraph._core._refs import CacheRef
-        from trio_taskgraph._errors import ForeignRefError
-else:
-    from trio_taskgraph._core._keys import RefSigner, canonical_encode
-    from trio_taskgraph._core._refs import CacheRef
-    from trio_taskgraph._errors import ForeignRefError
+from trio_taskgraph._core._keys import RefSigner, canonical_encode  # noqa: E402
+from trio_taskgraph._core._refs import CacheRef  # noqa: E402
+from trio_taskgraph._errors import ForeignRefError  # noqa: E402
 
 SIGNER = RefSigner(repository_id="0123456789abcdef" * 2, secret=b"fuzz-secret-" * 3)
 ISSUED = SIGNER.issue("default", "f" * 32)
@@ -212,7 +199,9 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     args, rest = parser.parse_known_args()
-    if atheris is None:
+    try:
+        import atheris
+    except ImportError:
         print(f"inputs run: {run(args.seconds, seed=args.seed)}")
         return
     import atexit
@@ -224,12 +213,8 @@ def main() -> None:
         TestOneInput(data)
 
     atexit.register(lambda: print(f"inputs run: {counter[0]}"))
-    # Seed inputs by file list: a corpus directory argument makes libFuzzer write every new
-    # input it finds into the repository's corpus.
-    argv = [sys.argv[0], f"-max_total_time={max(1, int(args.seconds))}", *rest]
-    seeds = ",".join(str(p) for p in sorted(CORPUS.glob("*")) if p.is_file())
-    if seeds:
-        argv.append(f"-seed_inputs={seeds}")
+    atheris.instrument_all()
+    argv = [sys.argv[0], f"-max_total_time={max(1, int(args.seconds))}", *rest, str(CORPUS)]
     atheris.Setup(argv, one)
     atheris.Fuzz()
 
