@@ -16,39 +16,21 @@ Uses atheris when it is importable, otherwise random bytes and mutations of the 
 
 from __future__ import annotations
 
-import argparse
-import os
-import random
 import sys
-import time
 from collections import deque
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CORPUS = HERE / "corpus" / "budget"
 sys.path.insert(0, str(HERE.parent))
 
-try:
-    import atheris
-except ImportError:
-    atheris = None
+import _harness  # noqa: E402
 
-if atheris is not None and __name__ == "__main__":
-    # Coverage feedback for our package only (instrumenting everything loaded takes ~30 s).
-    with atheris.instrument_imports(include=["trio_taskgraph"]):
-        from trio_taskgraph._core._budget import (
-            PARK,
-            ByteBudget,
-            ReceiveSideClosed,
-            SendSideClosed,
-        )
-else:
-    from trio_taskgraph._core._budget import (
-        PARK,
-        ByteBudget,
-        ReceiveSideClosed,
-        SendSideClosed,
-    )
+from trio_taskgraph._core._budget import (  # noqa: E402
+    PARK,
+    ByteBudget,
+    ReceiveSideClosed,
+    SendSideClosed,
+)
 
 
 class _Reader:
@@ -260,107 +242,10 @@ def TestOneInput(data: bytes) -> None:  # the name atheris expects
         harness.check()
 
 
-def _corpus() -> list[bytes]:
-    if not CORPUS.is_dir():
-        return []
-    return [p.read_bytes() for p in sorted(CORPUS.iterdir()) if p.is_file()]
-
-
-def _mutate(rng: random.Random, data: bytes) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 8)):
-        choice = rng.randrange(3)
-        if choice == 0 and buf:
-            buf[rng.randrange(len(buf))] = rng.randrange(256)
-        elif choice == 1:
-            buf.insert(rng.randint(0, len(buf)), rng.randrange(256))
-        elif buf:
-            del buf[rng.randrange(len(buf))]
-    return bytes(buf)
-
-
 def run(seconds: float, *, seed: int = 0) -> int:
-    """
-    Run the harness in-process for about ``seconds`` (corpus first, then random inputs).
-
-    Returns:
-        The number of inputs run.
-
-    Raises:
-        AssertionError: an invariant was broken (the message names it); the input that
-            broke it is attached as a note.
-    """
-    rng = random.Random(seed)
-    corpus = _corpus()
-    count = 0
-    deadline = time.monotonic() + seconds
-    pending = list(corpus)
-    while True:
-        if pending:
-            data = pending.pop()
-        elif corpus and rng.random() < 0.5:
-            data = _mutate(rng, rng.choice(corpus))
-        else:
-            data = rng.randbytes(rng.randint(0, 400))
-        try:
-            TestOneInput(data)
-        except Exception as exc:
-            exc.add_note(f"fuzz_budget input: {data.hex()}")
-            raise
-        count += 1
-        if not pending and time.monotonic() >= deadline:
-            return count
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="fuzz the byte-budget core")
-    parser.add_argument(
-        "--seconds", type=float, default=float(os.environ.get("FUZZ_SECONDS", "60"))
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args, rest = parser.parse_known_args()
-    if atheris is None:
-        print(f"inputs run: {run(args.seconds, seed=args.seed)}")
-        return
-    import shutil
-    import tempfile
-
-    # libFuzzer leaves through C exit(), past Python's atexit handlers: the harness keeps its
-    # own deadline, then prints the count and removes its scratch corpus itself.
-    deadline = [0.0]  # set by the first input, once libFuzzer is up
-    counter = [0]
-    # libFuzzer writes new inputs into its corpus directory: give it a scratch copy of the
-    # seed corpus, so a run never adds files to the repository.
-    scratch = tempfile.mkdtemp(prefix="fuzz_budget_")
-    if CORPUS.is_dir():
-        shutil.copytree(CORPUS, scratch, dirs_exist_ok=True)
-
-    def one(data: bytes) -> None:
-        try:
-            TestOneInput(data)
-        except BaseException as exc:
-            exc.add_note(f"fuzz_budget input: {data.hex()}")
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        counter[0] += 1
-        if not deadline[0]:
-            deadline[0] = time.monotonic() + args.seconds
-        elif time.monotonic() >= deadline[0]:
-            print(f"inputs run: {counter[0]}", flush=True)
-            shutil.rmtree(scratch, ignore_errors=True)
-            os._exit(0)
-
-    limit = f"-max_total_time={int(args.seconds) + 10}"  # a backstop only
-    # Crash files go to the temp directory, not the working tree (override with your own
-    # -artifact_prefix=...).
-    artifacts = (
-        []
-        if any(a.startswith("-artifact_prefix=") for a in rest)
-        else [f"-artifact_prefix={tempfile.gettempdir()}/fuzz_budget-"]
-    )
-    atheris.Setup([sys.argv[0], limit, *artifacts, *rest, scratch], one)
-    atheris.Fuzz()
+    """Fuzz for about ``seconds`` (corpus first); return the number of inputs run."""
+    return _harness.run_inputs(TestOneInput, name="budget", seconds=seconds, seed=seed, max_len=400)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_harness.main(name="budget", description=__doc__, check=TestOneInput, run=run))

@@ -17,19 +17,18 @@ mutation loop over ``fuzz/corpus/codec/``). ``run(seconds)`` is what the test ca
 
 from __future__ import annotations
 
-import argparse
-import atexit
-import os
 import random
 import struct
 import sys
-import time
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+import _harness
 
 from trio_taskgraph import WireFormatError
 from trio_taskgraph.wire import CLOSED, NEED_DATA, FrameDecoder, packb, unpackb
 
-CORPUS = Path(__file__).resolve().parent / "corpus" / "codec"
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 class Finding(AssertionError):
@@ -106,85 +105,24 @@ def check_one(data: bytes) -> None:
     _stream(data)
 
 
-def _seeds() -> list[bytes]:
-    seeds = [p.read_bytes() for p in sorted(CORPUS.glob("*")) if p.is_file()]
-    return seeds or [b"\x90", b"\x80"]
+#: Headers that stress the limits: huge declared lengths, reserved and timestamp bytes.
+MAGIC = (
+    b"\xdd\xff\xff\xff\xff",
+    b"\xc9\x00\x00\x00\x05\xff",
+    b"\xd6\xff",
+    b"\xc1",
+    b"\xff\xff\xff\xff",
+)
 
 
-def _mutate(rng: random.Random, seeds: list[bytes]) -> bytes:
-    data = bytearray(rng.choice(seeds))
-    for _ in range(rng.randint(1, 4)):
-        op = rng.randrange(6)
-        if op == 0 and data:
-            data[rng.randrange(len(data))] = rng.randrange(256)
-        elif op == 1:
-            data.insert(rng.randint(0, len(data)), rng.randrange(256))
-        elif op == 2 and data:
-            del data[rng.randrange(len(data)) :][: rng.randint(1, 8)]
-        elif op == 3:
-            other = rng.choice(seeds)
-            cut = rng.randint(0, len(other))
-            data[rng.randint(0, len(data)) :] = other[cut:]
-        elif op == 4:
-            magic = rng.choice(
-                [
-                    b"\xdd\xff\xff\xff\xff",
-                    b"\xc9\x00\x00\x00\x05\xff",
-                    b"\xd6\xff",
-                    b"\xc1",
-                    b"\xff\xff\xff\xff",
-                ]
-            )
-            pos = rng.randint(0, len(data))
-            data[pos:pos] = magic
-        elif op == 5:
-            data = bytearray(rng.randbytes(rng.randint(0, 32)))
-    return bytes(data)
+def _mutate(rng: random.Random, corpus: Sequence[bytes]) -> bytes:
+    return _harness.mutate(rng, corpus or [b"\x90", b"\x80"], fresh=1 / 6, max_len=32, magic=MAGIC)
 
 
 def run(seconds: float, *, seed: int = 0) -> int:
-    """Fuzz for ``seconds``; return how many inputs ran. Raises `Finding` on a finding."""
-    rng = random.Random(seed)
-    seeds = _seeds()
-    count = 0
-    for s in seeds:
-        check_one(s)
-        count += 1
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        check_one(_mutate(rng, seeds))
-        count += 1
-    return count
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description="fuzz the wire codec")
-    parser.add_argument("--seconds", type=float, default=float(os.environ.get("FUZZ_SECONDS", 60)))
-    parser.add_argument("--seed", type=int, default=0)
-    args, rest = parser.parse_known_args()
-    try:
-        import atheris
-    except ImportError:
-        count = run(args.seconds, seed=args.seed)
-        print(f"inputs run: {count}")
-        return 0
-    counter = [0]
-
-    def test_one_input(data: bytes) -> None:
-        counter[0] += 1
-        check_one(data)
-
-    atexit.register(lambda: print(f"inputs run: {counter[0]}"))
-    # Seed inputs by file list: a corpus directory argument would make libFuzzer write its
-    # new inputs into the repository.
-    seeds = ",".join(str(p) for p in sorted(CORPUS.glob("*")) if p.is_file())
-    argv = [sys.argv[0], *rest, f"-max_total_time={max(1, int(args.seconds))}"]
-    if seeds:
-        argv.append(f"-seed_inputs={seeds}")
-    atheris.Setup(argv, test_one_input)
-    atheris.Fuzz()
-    return 0  # pragma: no cover - atheris exits the process
+    """Fuzz for about ``seconds`` (corpus first); return the number of inputs run."""
+    return _harness.run_inputs(check_one, name="codec", seconds=seconds, seed=seed, mutator=_mutate)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_harness.main(name="codec", description=__doc__, check=check_one, run=run))

@@ -14,18 +14,13 @@ Seed corpus: ``fuzz/corpus/graph/``.
 
 from __future__ import annotations
 
-import argparse
-import atexit
-import os
-import random
 import sys
-import time
-from pathlib import Path
+
+import _harness
 
 import trio_taskgraph as tg
 from trio_taskgraph._core._graph import GraphModel
 
-CORPUS = Path(__file__).parent / "corpus" / "graph"
 _OUT_KINDS: list[dict[str, object]] = [
     {"x-stream": "binary"},
     {"x-stream": "append", "type": "string"},
@@ -152,49 +147,10 @@ def TestOneInput(data: bytes) -> None:
         _check(model)
 
 
-def _corpus() -> list[bytes]:
-    if not CORPUS.is_dir():
-        return []
-    return [p.read_bytes() for p in sorted(CORPUS.iterdir()) if p.is_file()]
-
-
 def run(seconds: float, *, seed: int = 0) -> int:
-    """Fuzz for ``seconds`` with random bytes (after the seed corpus); return inputs run."""
-    rng = random.Random(seed)
-    count = 0
-    for data in _corpus():
-        TestOneInput(data)
-        count += 1
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        TestOneInput(rng.randbytes(rng.randint(0, 200)))
-        count += 1
-    return count
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--seconds", type=float, default=float(os.environ.get("FUZZ_SECONDS", "60"))
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args, rest = parser.parse_known_args()
-    try:
-        import atheris
-    except ImportError:
-        print(f"inputs run: {run(args.seconds, seed=args.seed)}")
-        return
-    count = 0
-
-    def counted(data: bytes) -> None:
-        nonlocal count
-        count += 1
-        TestOneInput(data)
-
-    atexit.register(lambda: print(f"inputs run: {count}"))
-    atheris.Setup([sys.argv[0], f"-max_total_time={int(args.seconds)}", *rest], counted)
-    atheris.Fuzz()
+    """Fuzz for about ``seconds`` (corpus first); return the number of inputs run."""
+    return _harness.run_inputs(TestOneInput, name="graph", seconds=seconds, seed=seed, max_len=200)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_harness.main(name="graph", description=__doc__, check=TestOneInput, run=run))

@@ -18,17 +18,14 @@ Uses atheris when it is importable, otherwise random bytes and mutations of the 
 
 from __future__ import annotations
 
-import argparse
-import os
-import random
 import struct
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CORPUS = HERE / "corpus" / "keys"
 sys.path.insert(0, str(HERE.parent))
+
+import _harness  # noqa: E402
 
 from trio_taskgraph._core._keys import RefSigner, canonical_encode  # noqa: E402
 from trio_taskgraph._core._refs import CacheRef  # noqa: E402
@@ -140,84 +137,10 @@ def TestOneInput(data: bytes) -> None:
     assert SIGNER.parse(CacheRef(ISSUED), namespace="default") == "f" * 32
 
 
-def _corpus() -> list[bytes]:
-    if not CORPUS.is_dir():
-        return []
-    return [p.read_bytes() for p in sorted(CORPUS.iterdir()) if p.is_file()]
-
-
-def _mutate(rng: random.Random, data: bytes) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 8)):
-        choice = rng.random()
-        if choice < 0.4 and buf:
-            buf[rng.randrange(len(buf))] = rng.randrange(256)
-        elif choice < 0.7:
-            buf.insert(rng.randint(0, len(buf)), rng.randrange(256))
-        elif buf:
-            del buf[rng.randrange(len(buf))]
-    return bytes(buf)
-
-
 def run(seconds: float, *, seed: int = 0) -> int:
-    """
-    Run the harness in-process for about ``seconds`` (corpus first, then random inputs).
-
-    Returns:
-        The number of inputs run.
-
-    Raises:
-        AssertionError: an invariant was broken (the message names it); the input is
-            attached as a note.
-    """
-    rng = random.Random(seed)
-    corpus = _corpus()
-    pending = list(corpus)
-    count = 0
-    deadline = time.monotonic() + seconds
-    while True:
-        if pending:
-            data = pending.pop()
-        elif corpus and rng.random() < 0.5:
-            data = _mutate(rng, rng.choice(corpus))
-        else:
-            data = rng.randbytes(rng.randint(0, 300))
-        try:
-            TestOneInput(data)
-        except Exception as exc:
-            exc.add_note(f"fuzz_keys input: {data.hex()}")
-            raise
-        count += 1
-        if not pending and time.monotonic() >= deadline:
-            return count
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="fuzz row keys and ref signing")
-    parser.add_argument(
-        "--seconds", type=float, default=float(os.environ.get("FUZZ_SECONDS", "60"))
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args, rest = parser.parse_known_args()
-    try:
-        import atheris
-    except ImportError:
-        print(f"inputs run: {run(args.seconds, seed=args.seed)}")
-        return
-    import atexit
-
-    counter = [0]
-
-    def one(data: bytes) -> None:
-        counter[0] += 1
-        TestOneInput(data)
-
-    atexit.register(lambda: print(f"inputs run: {counter[0]}"))
-    atheris.instrument_all()
-    argv = [sys.argv[0], f"-max_total_time={max(1, int(args.seconds))}", *rest, str(CORPUS)]
-    atheris.Setup(argv, one)
-    atheris.Fuzz()
+    """Fuzz for about ``seconds`` (corpus first); return the number of inputs run."""
+    return _harness.run_inputs(TestOneInput, name="keys", seconds=seconds, seed=seed, max_len=300)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_harness.main(name="keys", description=__doc__, check=TestOneInput, run=run))

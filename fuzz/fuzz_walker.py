@@ -19,16 +19,13 @@ random-bytes loop). ``run(seconds)`` is what the test calls.
 
 from __future__ import annotations
 
-import argparse
-import atexit
 import collections
-import os
 import pickle
 import random
 import sys
-import time
 from typing import NamedTuple
 
+import _harness
 import trio
 
 import trio_taskgraph as tg
@@ -249,42 +246,25 @@ def check_one(data: bytes, *, with_trio: bool = False) -> None:
         check_rebuilt(value, resolved, table)
 
 
+class _EverySixteenthWithTrio:
+    """``check_one``, running every 16th input through the trio shell too."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, data: bytes) -> None:
+        check_one(data, with_trio=self.count % 16 == 0)
+        self.count += 1
+
+
 def run(seconds: float, *, seed: int = 0) -> int:
-    """Fuzz for ``seconds``; return how many inputs ran. Raises `Finding` on a finding."""
-    rng = random.Random(seed)
-    count = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        data = rng.randbytes(rng.randint(0, 96))
-        check_one(data, with_trio=count % 16 == 0)
-        count += 1
-    return count
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description="fuzz the ref walker")
-    parser.add_argument("--seconds", type=float, default=float(os.environ.get("FUZZ_SECONDS", 60)))
-    parser.add_argument("--seed", type=int, default=0)
-    args, rest = parser.parse_known_args()
-    try:
-        import atheris
-    except ImportError:
-        count = run(args.seconds, seed=args.seed)
-        print(f"inputs run: {count}")
-        return 0
-    counter = [0]
-
-    def test_one_input(data: bytes) -> None:
-        counter[0] += 1
-        check_one(data, with_trio=counter[0] % 16 == 0)
-
-    atexit.register(lambda: print(f"inputs run: {counter[0]}"))
-    atheris.Setup(
-        [sys.argv[0], *rest, f"-max_total_time={max(1, int(args.seconds))}"], test_one_input
+    """Fuzz for about ``seconds``; return the number of inputs run."""
+    return _harness.run_inputs(
+        _EverySixteenthWithTrio(), name="walker", seconds=seconds, seed=seed, max_len=96
     )
-    atheris.Fuzz()
-    return 0  # pragma: no cover - atheris exits the process
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(
+        _harness.main(name="walker", description=__doc__, check=_EverySixteenthWithTrio(), run=run)
+    )

@@ -73,6 +73,36 @@ EXPECTED_PUBLIC = {
     "RefResolver",
     "RefFilter",
     "RefSource",
+    # the runner (issue 7, runner)
+    "run_graph",
+    "run_task",
+    "RunEvent",
+    "RunListener",
+    "TaskStatus",
+    "TaskState",
+    "BinaryInputStream",
+    # cache server and its client (issue 6)
+    "CacheServerRepository",
+    "CacheServerStatistics",
+    "ClientStatistics",
+    "connect_cache_server",
+    "open_cache_server",
+    # jobs (issue 8)
+    "open_job_queue",
+    "JobQueue",
+    "JobHandle",
+    "JobQueueStatistics",
+    "JobRecord",
+    "JobState",
+    "JobStore",
+    "MemoryJobStore",
+    "StreamCallback",
+    "JobError",
+    "JobCancelledError",
+    "JobOutputError",
+    "JobStateError",
+    "PermanentJobError",
+    "SubscriberOverflowError",
 }
 
 

@@ -61,6 +61,23 @@ from ._errors import (
     TaskGraphInternalError as TaskGraphInternalError,
     WireFormatError as WireFormatError,
 )
+from ._jobs import (  # jobs (issue 8)
+    JobCancelledError as JobCancelledError,
+    JobError as JobError,
+    JobHandle as JobHandle,
+    JobOutputError as JobOutputError,
+    JobQueue as JobQueue,
+    JobQueueStatistics as JobQueueStatistics,
+    JobRecord as JobRecord,
+    JobState as JobState,
+    JobStateError as JobStateError,
+    JobStore as JobStore,
+    MemoryJobStore as MemoryJobStore,
+    PermanentJobError as PermanentJobError,
+    StreamCallback as StreamCallback,
+    SubscriberOverflowError as SubscriberOverflowError,
+    open_job_queue as open_job_queue,
+)
 
 # output repositories (issue 5)
 from ._repository import (
@@ -73,6 +90,15 @@ from ._repository import (
     RunPrivateRepository as RunPrivateRepository,
 )
 
+# cache server and its client (issue 6)
+from ._repository._client import (
+    CacheServerRepository as CacheServerRepository,
+    CacheServerStatistics as CacheServerStatistics,
+    ClientStatistics as ClientStatistics,
+    connect_cache_server as connect_cache_server,
+    open_cache_server as open_cache_server,
+)
+
 # refs and the ref walker (issue 4)
 from ._resolve import (
     RefFilter as RefFilter,
@@ -81,6 +107,17 @@ from ._resolve import (
     collect_cache_refs as collect_cache_refs,
     resolve_job_output as resolve_job_output,
     resolve_output as resolve_output,
+)
+from ._runner import (  # the runner (issue 7, runner)
+    RunEvent as RunEvent,
+    RunListener as RunListener,
+    TaskState as TaskState,
+    TaskStatus as TaskStatus,
+    run_graph as run_graph,
+    run_task as run_task,
+)
+from ._stream_processor import (  # the runner (issue 7, runner)
+    BinaryInputStream as BinaryInputStream,
 )
 from ._task import (  # tasks and graphs (issue 7, graph core)
     RunConfig as RunConfig,
@@ -156,6 +193,36 @@ __all__ = [
     "RefResolver",
     "RefFilter",
     "RefSource",
+    # the runner (issue 7, runner)
+    "run_graph",
+    "run_task",
+    "RunEvent",
+    "RunListener",
+    "TaskStatus",
+    "TaskState",
+    "BinaryInputStream",
+    # cache server and its client (issue 6)
+    "CacheServerRepository",
+    "CacheServerStatistics",
+    "ClientStatistics",
+    "connect_cache_server",
+    "open_cache_server",
+    # jobs (issue 8)
+    "open_job_queue",
+    "JobQueue",
+    "JobHandle",
+    "JobQueueStatistics",
+    "JobRecord",
+    "JobState",
+    "JobStore",
+    "MemoryJobStore",
+    "StreamCallback",
+    "JobError",
+    "JobCancelledError",
+    "JobOutputError",
+    "JobStateError",
+    "PermanentJobError",
+    "SubscriberOverflowError",
 ]
 
 

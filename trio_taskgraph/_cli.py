@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import trio_taskgraph as tg
+from trio_taskgraph import cache_server
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -67,9 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=tg.__version__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="show what the library does")
+    serve = sub.add_parser(
+        "cache-server", help="serve a repository folder on a Unix socket (issue 6)"
+    )
+    cache_server.add_arguments(serve)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo_events_and_ports()
+    if args.command == "cache-server":
+        return cache_server.run(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # pragma: no cover
 
 

@@ -25,6 +25,13 @@ __all__ = [
     # tasks and graphs
     "StreamProtocolError",
     "TaskDefinitionError",
+    # jobs (issue 8)
+    "JobError",
+    "JobCancelledError",
+    "JobOutputError",
+    "JobStateError",
+    "PermanentJobError",
+    "SubscriberOverflowError",
 ]
 
 
@@ -150,4 +157,50 @@ class TaskDefinitionError(TaskGraphError, TypeError):
 
     Raised at class creation, so a malformed task never registers. (Schema problems raise
     `PortSchemaError` instead.)
+    """
+
+
+# --- jobs (issue 8) ---------------------------------------------------------------------------
+
+
+class JobError(TaskGraphError):
+    """
+    A job could not give what was asked of it: see the subclasses.
+    """
+
+
+class JobCancelledError(JobError):
+    """
+    The job was cancelled (by `JobHandle.cancel` or when its queue closed) before it completed;
+    raised by ``result()`` and ``open_output_stream()``. The message names the job.
+    """
+
+
+class JobOutputError(JobError, LookupError):
+    """
+    ``open_output_stream`` cannot pick or stream the port asked for: no port given and the
+    output does not have exactly one declared binary port (the seed's M-1), a port that is not
+    a declared binary port, or a value there that is neither a ref nor bytes. The message
+    names the job and the port(s).
+    """
+
+
+class JobStateError(TaskGraphInternalError):
+    """
+    A job transition outside the state table (spec S8-1): a bug in the queue or a job store.
+    """
+
+
+class PermanentJobError(TaskGraphError):
+    """
+    Raise it (or chain it as the cause) from a task to fail its job at once: a permanent
+    error is never retried, whatever ``max_retries`` says.
+    """
+
+
+class SubscriberOverflowError(JobError):
+    """
+    A lossy ``on_stream`` subscriber fell more than its byte budget behind the job and was
+    dropped: the last event it receives is a `StreamError` carrying this error, which names
+    the job and the budget.
     """
