@@ -40,3 +40,9 @@ clean:
 .PHONY: torture
 torture: $(STAMP)
 	TORTURE_MAX_POINTS=0 HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(BIN)/python -m pytest -q -p tests.torture_tally
+
+# Crash points (issue 10): a child SIGKILLed at every durable moment of small
+# FsOutputRepository workloads (CRASH_MAX_POINTS=0: all of them; `make test` runs a sample).
+.PHONY: crash
+crash: $(STAMP)
+	CRASH_MAX_POINTS=0 $(BIN)/python -m pytest -q -s tests/repository/test_crash_points.py

@@ -25,6 +25,10 @@ Theory of operation (spec/S4-repositories.md):
   path is built from the 32-hex name the check returned.
 - Blocking file and SQLite work runs in `trio.to_thread.run_sync`; SQLite calls are
   serialized by a `trio.Lock` per repository (one connection, used by one thread at a time).
+- Crash points (S4-9): `_crash_hook`, a private seam for the crash-point suite
+  (``tests/repository/test_crash_points.py``), is called with the name of each durable moment
+  (a temp file created, each write, fsync, rename, directory fsync, each commit, each unlink).
+  It is None in production: one global load and a comparison per moment.
 """
 
 from __future__ import annotations
@@ -77,6 +81,18 @@ _UNOWNED_TEMP_AGE: Final = 3600.0
 #: A blob file with no record is collected only once this old (seconds), whatever
 #: ``min_age`` says: a writer in another process records its blob just after the rename.
 _STRAY_MIN_AGE: Final = 60.0
+
+#: Private crash-point seam (S4-9): when set, called (in a worker thread) with the name of
+#: each durable moment, so a test can SIGKILL the process exactly there. Never set it outside
+#: the crash-point suite.
+_crash_hook: Callable[[str], None] | None = None
+
+
+def _moment(name: str) -> None:
+    hook = _crash_hook
+    if hook is not None:
+        hook(name)
+
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS rows (
@@ -219,6 +235,7 @@ class _Write:
 
 def _create_tmp(write: _Write) -> None:
     write.fd = os.open(write.tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    _moment("create")
 
 
 def _writev_all(fd: int, batch: list[BytesLike]) -> None:
@@ -226,6 +243,7 @@ def _writev_all(fd: int, batch: list[BytesLike]) -> None:
     start = 0
     while start < len(views):
         written = os.writev(fd, views[start : start + _MAX_IOVECS])
+        _moment("write")
         while written > 0:
             head = views[start]
             if written >= len(head):
@@ -240,11 +258,14 @@ def _publish(write: _Write, folder: Path) -> None:
     # Invariant (S4-3): data durable before the name appears, name durable before the ref.
     assert write.fd is not None
     os.fsync(write.fd)
+    _moment("fsync")
     fd, write.fd = write.fd, None
     os.close(fd)
     os.rename(write.tmp, write.final)
     write.renamed = True
+    _moment("rename")
     _fsync_dir(folder)
+    _moment("dir-fsync")
 
 
 def _discard(write: _Write) -> None:
@@ -276,6 +297,7 @@ def _unlink_blobs(folder: Path, names: list[str]) -> None:
     for name in names:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / f"{name}.blob")
+        _moment("unlink")
 
 
 # --- shared state of one folder -----------------------------------------------------------
@@ -551,6 +573,7 @@ class FsOutputRepository:
                     "INSERT INTO row_blobs VALUES (?, ?, ?, ?)",
                     [(ns, task_type, digest, name) for name in names],
                 )
+            _moment("row-commit")
 
         await self._db(save)
 
@@ -636,6 +659,7 @@ class FsOutputRepository:
                         "INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
                         (name, ns, size, mime, task_type, now),
                     )
+                _moment("blob-commit")
 
             await self._db(record)
         except BaseException:
@@ -747,6 +771,7 @@ class FsOutputRepository:
         def delete(conn: sqlite3.Connection) -> None:
             with _Tx(conn):
                 conn.execute("DELETE FROM blobs WHERE name = ? AND ns = ?", (name, ns))
+            _moment("delete-commit")
             _unlink_blobs(folder, [name])
 
         await self._db(delete)
@@ -784,6 +809,7 @@ class FsOutputRepository:
                     ).fetchall()
                 ]
                 conn.executemany("DELETE FROM blobs WHERE name = ?", [(n,) for n in doomed])
+            _moment("prune-commit")
             _unlink_blobs(folder, doomed)
             return len(keys)
 
