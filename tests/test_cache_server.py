@@ -311,9 +311,10 @@ async def test_cancelled_upload_leaves_no_temp_file(tmp_path: Path) -> None:
         in_process_server(root, window=256 * 1024, chunk_bytes=64 * 1024) as (server, sock),
         tg.connect_cache_server(sock) as repo,
     ):
+        refs: list[tg.CacheRef] = []
 
         async def scenario() -> None:
-            await repo.save_output_stream("t", {}, "p", _chunks(12, 50_000))
+            refs.append(await repo.save_output_stream("t", {}, "p", _chunks(12, 50_000)))
 
         async def check() -> None:
             await _wait_quiet(server)
@@ -330,8 +331,12 @@ async def test_cancelled_upload_leaves_no_temp_file(tmp_path: Path) -> None:
             cancel_timeout=math.inf,
         )
         stats = await repo.stats()
-        # The baseline run publishes one blob; cancelled runs publish none.
-        assert stats.blobs <= before.blobs + 1
+        # Exactly the uploads that returned a ref published a blob: the baseline run, and any
+        # run whose cancel landed after the save completed. Every other run published none.
+        assert refs, "the baseline run returns a ref"
+        assert stats.blobs == before.blobs + len(refs)
+        for ref in refs:
+            assert len(await repo.get_output_by_ref(ref)) == 12 * 50_000
         assert _temp_files(root) == []
 
 
