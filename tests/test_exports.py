@@ -61,6 +61,8 @@ EXPECTED_PUBLIC = {
     "RunPrivateRepository",
     "RepositoryStats",
     "GcReport",
+    # scale-out on PostgreSQL (issue 11)
+    "PostgresOutputRepository",
 }
 
 

@@ -64,6 +64,9 @@ from ._repository import (
     RepositoryStats as RepositoryStats,
     RunPrivateRepository as RunPrivateRepository,
 )
+
+# scale-out on PostgreSQL (issue 11; psycopg is imported lazily, on first use)
+from ._repository._postgres import PostgresOutputRepository as PostgresOutputRepository
 from ._task import (  # tasks and graphs (issue 7, graph core)
     RunConfig as RunConfig,
     Task as Task,
@@ -126,6 +129,8 @@ __all__ = [
     "RunPrivateRepository",
     "RepositoryStats",
     "GcReport",
+    # scale-out on PostgreSQL (issue 11)
+    "PostgresOutputRepository",
 ]
 
 
