@@ -492,6 +492,23 @@ async def test_pruning_removes_large_objects(postgres_dsn: str) -> None:
     await repo.aclose()
 
 
+async def test_a_large_object_removed_by_hand(postgres_dsn: str) -> None:
+    """S4-11, S4-12: a record whose large object someone unlinked by hand reads as dangling
+    (a cache miss, not a failed run), and pruning still removes the record."""
+    repo = tg.PostgresOutputRepository(postgres_dsn)
+    ref = await repo.save_output_stream("t", {}, "out", _stream(b"soon gone"))
+    await _query(postgres_dsn, "SELECT lo_unlink(lo) FROM trio_taskgraph_blobs")
+    with pytest.raises(tg.DanglingRefError):
+        await repo.get_output_by_ref(ref)
+    with pytest.raises(tg.DanglingRefError):
+        async with repo.open_output_stream_by_ref(ref):
+            pass
+    report = await repo.gc(min_age=0)
+    assert (report.blobs, report.bytes) == (1, 9)
+    assert (await repo.stats()).blobs == 0
+    await repo.aclose()
+
+
 async def test_prune_waits_for_a_row_being_saved(postgres_dsn: str) -> None:
     """S4-12: while a row save holds its namespace's shared lock, a prune of that namespace
     waits for it (so it sees the row's refs); a prune of another namespace does not."""

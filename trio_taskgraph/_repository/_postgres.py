@@ -134,10 +134,13 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS trio_taskgraph_blobs_by_ns ON trio_taskgraph_blobs (ns, created)",
 )
 
-#: Doomed blob records -> their large objects unlinked, in the same statement.
+#: Doomed blob records -> their large objects unlinked, in the same statement. A large object
+#: someone removed by hand is skipped (``lo_unlink`` is strict: NULL in, no call), so it
+#: cannot make every later prune fail.
 _UNLINK_DELETED: Final = """
     WITH gone AS ({delete} RETURNING lo, size)
-    SELECT count(lo_unlink(lo)), coalesce(sum(size), 0) FROM gone
+    SELECT count(*), coalesce(sum(g.size), 0), count(lo_unlink(m.oid))
+    FROM gone g LEFT JOIN pg_largeobject_metadata m ON m.oid = g.lo
 """
 _NOT_REFERENCED: Final = (
     "NOT EXISTS (SELECT 1 FROM trio_taskgraph_row_blobs r WHERE r.ns = b.ns AND r.name = b.name)"
@@ -183,6 +186,13 @@ def _close(conn: Conn) -> None:
 
 
 def _setup(conn: Conn) -> bytes:
+    row = conn.execute("SELECT to_regclass('trio_taskgraph_meta') IS NOT NULL").fetchone()
+    if row is not None and row[0]:
+        found = conn.execute("SELECT secret FROM trio_taskgraph_meta WHERE id = 1").fetchone()
+        if found is not None:
+            # Set up already: a role that may not create tables (PostgreSQL 15 gives nobody
+            # CREATE on ``public`` by default) can still use the repository.
+            return bytes(found[0])
     conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _SCHEMA_LOCK))
     for statement in _SCHEMA:
         conn.execute(statement)
@@ -227,10 +237,12 @@ def _open_blob(conn: Conn, ns: str, name: str) -> tuple[int, int] | None:
     """In a fresh REPEATABLE READ transaction: the blob's (size, read fd), or None."""
     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     row = conn.execute(
-        "SELECT lo, size FROM trio_taskgraph_blobs WHERE name = %s AND ns = %s", (name, ns)
+        "SELECT b.lo, b.size FROM trio_taskgraph_blobs b"
+        " JOIN pg_largeobject_metadata m ON m.oid = b.lo WHERE b.name = %s AND b.ns = %s",
+        (name, ns),
     ).fetchone()
     if row is None:
-        return None
+        return None  # no record, or a large object someone removed by hand: dangling
     opened = conn.execute("SELECT lo_open(%s, %s)", (int(row[0]), _INV_READ)).fetchone()
     assert opened is not None
     return int(row[1]), int(opened[0])
@@ -303,7 +315,10 @@ class _Shared:
 
 @final
 class _Lease:
-    """One use of a pooled connection (a class, not a generator: see `_Shared.connection`)."""
+    """
+    One use of a pooled connection: a class rather than an ``@asynccontextmanager``, whose
+    decorated signature would carry psycopg's ``Any`` row type (``disallow_any_decorated``).
+    """
 
     def __init__(self, shared: _Shared) -> None:
         self._shared = shared
