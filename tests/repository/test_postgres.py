@@ -21,7 +21,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import trio_taskgraph as tg
 from trio_taskgraph._repository import _postgres
-from trio_taskgraph.testing import CONTRACT_CHECKS, check_output_repository
+from trio_taskgraph.testing import (
+    CONTRACT_CHECKS,
+    cancel_at_each_checkpoint,
+    check_output_repository,
+    torture_max_points,
+)
 from trio_taskgraph.testing._repository_contract import _forgeries
 
 from . import test_sources
@@ -718,3 +723,40 @@ def test_without_psycopg_the_name_imports_and_first_use_explains() -> None:
     )
     assert "RepositoryError:" in done.stdout, done.stdout + done.stderr
     assert "trio-taskgraph[postgres]" in done.stdout
+
+
+async def test_cancel_at_each_checkpoint_of_a_save(postgres_dsn: str) -> None:
+    """S4-10, S4-13 (S7 toolkit): a streamed save, its row and a streamed read, cancelled
+    after each scheduler step in turn: never a large object without its record or a record
+    without its large object, never a transaction or a pooled connection left open."""
+    repo = tg.PostgresOutputRepository(postgres_dsn, write_batch_bytes=2500, max_connections=2)
+    await repo.stats()
+    counter = iter(range(10**6))
+
+    async def scenario() -> None:
+        i = next(counter)
+        ref = await repo.save_output_stream(
+            "t", {"i": i}, "out", _stream(b"a" * 1000, b"b" * 2000, b"c" * 3000)
+        )
+        await repo.save_output("t", {"i": i}, {"out": ref})
+        async with repo.open_output_stream_by_ref(ref) as chunks:
+            assert b"".join([c async for c in chunks]) == b"a" * 1000 + b"b" * 2000 + b"c" * 3000
+
+    async def check() -> None:
+        (pairs,) = await _query(
+            postgres_dsn,
+            "SELECT (SELECT count(*) FROM pg_largeobject_metadata),"
+            " (SELECT count(*) FROM trio_taskgraph_blobs b"
+            "  JOIN pg_largeobject_metadata m ON m.oid = b.lo),"
+            " (SELECT count(*) FROM trio_taskgraph_blobs)",
+        )
+        assert pairs[0] == pairs[1] == pairs[2], f"objects, matched, records: {pairs}"
+        assert await _open_transactions(postgres_dsn) == 0
+        assert repo._shared.slots.value == 2, "a pooled connection was not given back"
+
+    report = await cancel_at_each_checkpoint(
+        scenario, check=check, max_points=torture_max_points(12), cancel_timeout=30.0
+    )
+    assert report.steps >= 10
+    assert report.unreached == ()
+    await repo.aclose()
