@@ -256,7 +256,7 @@ async def run(dsn: str, total: int, pairs: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--quick", action="store_true", help="128 MiB, 1 pair")
+    parser.add_argument("--quick", action="store_true", help="32 MiB, 1 pair")
     parser.add_argument("--pairs", type=int, default=None)
     parser.add_argument("--durable", action="store_true", help="run the server with fsync on")
     parser.add_argument("--rss-child", nargs=2, metavar=("DSN", "BYTES"), help=argparse.SUPPRESS)
@@ -264,7 +264,7 @@ def main() -> None:
     if args.rss_child:
         rss_child(args.rss_child[0], int(args.rss_child[1]))
         return
-    total = (128 if args.quick else 1024) * 2**20
+    total = (32 if args.quick else 1024) * 2**20
     pairs = args.pairs or (1 if args.quick else 3)
     settings = WAL_SETTINGS if args.durable else BENCH_SETTINGS
     print("server:", ", ".join(f"{k}={v}" for k, v in settings.items()))
