@@ -30,3 +30,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# The throwaway PostgreSQL server fixtures (issue 11): started only by tests that ask.
+pytest_plugins = ["tests.postgres_fixtures"]

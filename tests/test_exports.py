@@ -103,6 +103,8 @@ EXPECTED_PUBLIC = {
     "JobStateError",
     "PermanentJobError",
     "SubscriberOverflowError",
+    # scale-out on PostgreSQL (issue 11)
+    "PostgresOutputRepository",
 }
 
 

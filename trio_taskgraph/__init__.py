@@ -99,6 +99,9 @@ from ._repository._client import (
     open_cache_server as open_cache_server,
 )
 
+# scale-out on PostgreSQL (issue 11; psycopg is imported lazily, on first use)
+from ._repository._postgres import PostgresOutputRepository as PostgresOutputRepository
+
 # refs and the ref walker (issue 4)
 from ._resolve import (
     RefFilter as RefFilter,
@@ -223,6 +226,8 @@ __all__ = [
     "JobStateError",
     "PermanentJobError",
     "SubscriberOverflowError",
+    # scale-out on PostgreSQL (issue 11)
+    "PostgresOutputRepository",
 ]
 
 

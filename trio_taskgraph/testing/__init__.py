@@ -7,9 +7,16 @@ Tools for testing code built on trio_taskgraph, and code of your own.
   a scenario at each checkpoint its tasks reach and check the invariants you care about after
   each run (no task left, nothing parked, no temp file, no orphan blob). ``make torture``
   runs the suites at every point (``TORTURE_MAX_POINTS=0``; see `torture_max_points`).
+- A throwaway PostgreSQL server (`throwaway_postgres`): ``initdb`` + ``pg_ctl`` in a temp
+  folder, Unix socket only, never as root; for testing code on `PostgresOutputRepository`.
 """
 
 # output repositories (issue 5)
+# a throwaway PostgreSQL server for tests (issue 11)
+from ._postgres_server import (
+    PostgresServer as PostgresServer,
+    throwaway_postgres as throwaway_postgres,
+)
 from ._repository_contract import (
     CONTRACT_CHECKS as CONTRACT_CHECKS,
     RepositoryFactory as RepositoryFactory,
@@ -46,6 +53,9 @@ __all__ = [
     "spread_points",
     "torture_max_points",
     "torture_statistics",
+    # a throwaway PostgreSQL server for tests (issue 11)
+    "PostgresServer",
+    "throwaway_postgres",
 ]
 
 
