@@ -4,7 +4,7 @@ Helpers every repository shares: row encoding, the refs a row points to, chunk c
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ __all__ = [
     "iterate_closing",
     "row_blob_names",
     "size_of_chunk",
+    "write_behind",
 ]
 
 
@@ -50,6 +51,62 @@ def check_mime(mime: object) -> str | None:
 def size_of_chunk(chunk: object) -> int:
     """The byte size of a streamed chunk (`TypeError` if it is not bytes-like)."""
     return chunk_size(chunk)
+
+
+async def write_behind(
+    chunks: AsyncIterator[BytesLike],
+    write: Callable[[list[BytesLike]], Awaitable[None]],
+    *,
+    batch_bytes: int,
+    max_items: int,
+) -> int:
+    """
+    Gather ``chunks`` into batches of up to ``batch_bytes`` (or ``max_items`` chunks) and hand
+    each to ``write`` while the next one is gathered: one thread hop per batch instead of per
+    chunk, and at most two batches held at once (the one being written, the one gathering).
+    Empty chunks are dropped.
+
+    Returns:
+        The number of bytes written.
+
+    Raises:
+        Whatever ``chunks`` or ``write`` raised, as itself (not wrapped in a group).
+
+    Cancellation: stops at once; the caller discards what was written (S4-3).
+    """
+    total = 0
+    send, receive = trio.open_memory_channel[list["BytesLike"]](0)
+
+    async def writer() -> None:
+        async with receive:
+            async for batch in receive:
+                await write(batch)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            async with send:
+                batch: list[BytesLike] = []
+                gathered = 0
+                async for chunk in chunks:
+                    size = size_of_chunk(chunk)
+                    if not size:
+                        continue
+                    batch.append(chunk)
+                    gathered += size
+                    total += size
+                    if gathered >= batch_bytes or len(batch) >= max_items:
+                        await send.send(batch)
+                        batch, gathered = [], 0
+                if batch:
+                    await send.send(batch)
+    except BaseExceptionGroup as group:
+        # Give the caller the one real error, not a group made by our private nursery.
+        real = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(real) == 1 and not isinstance(real[0], BaseExceptionGroup):
+            raise real[0] from None
+        raise
+    return total
 
 
 def encode_row(output: Mapping[str, object]) -> bytes:

@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Final, TypeVar, TypeVarTuple, Unpack, final
 import attrs
 import trio
 
-from .._core._events import BytesLike
 from .._core._keys import RefSigner, check_namespace, input_digest, is_blob_name
 from .._core._refs import CacheRef
 from .._errors import DanglingRefError, RepositoryError
@@ -59,12 +58,14 @@ from ._common import (
     encode_row,
     iterate_closing,
     row_blob_names,
-    size_of_chunk,
+    write_behind,
 )
 from ._protocol import DEFAULT_GC_MIN_AGE, GcReport, RepositoryStats
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+
+    from .._core._events import BytesLike
 
 __all__ = ["FsOutputRepository"]
 
@@ -672,41 +673,13 @@ class FsOutputRepository:
     async def _pump(self, write: _Write, chunks: AsyncIterator[BytesLike]) -> int:
         fd = write.fd
         assert fd is not None
-        total = 0
-        send, receive = trio.open_memory_channel[list[BytesLike]](0)
 
-        async def writer() -> None:
-            async with receive:
-                async for batch in receive:
-                    await self._run_io(_writev_all, fd, batch)
+        async def write_batch(batch: list[BytesLike]) -> None:
+            await self._run_io(_writev_all, fd, batch)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(writer)
-                async with send:
-                    batch: list[BytesLike] = []
-                    gathered = 0
-                    async for chunk in chunks:
-                        size = size_of_chunk(chunk)
-                        if not size:
-                            continue
-                        batch.append(chunk)
-                        gathered += size
-                        total += size
-                        if gathered >= self._write_batch or len(batch) >= _MAX_IOVECS:
-                            await send.send(batch)
-                            batch, gathered = [], 0
-                    if batch:
-                        await send.send(batch)
-        except BaseExceptionGroup as group:
-            # Give the caller the one real error, not a group made by our private nursery.
-            real = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-            if len(real) == 1 and len(group.exceptions) == 1:
-                raise real[0] from None
-            if len(real) == 1 and not isinstance(real[0], BaseExceptionGroup):
-                raise real[0] from None
-            raise
-        return total
+        return await write_behind(
+            chunks, write_batch, batch_bytes=self._write_batch, max_items=_MAX_IOVECS
+        )
 
     async def _name_of(self, ref: CacheRef) -> str:
         signer = await self._enter()

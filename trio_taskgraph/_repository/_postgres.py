@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Final, TypeVar, TypeVarTuple, Unpack, final
 import attrs
 import trio
 
-from .._core._events import BytesLike
 from .._core._keys import RefSigner, check_namespace, input_digest
 from .._core._refs import CacheRef
 from .._errors import DanglingRefError, RepositoryError
@@ -62,7 +61,7 @@ from ._common import (
     encode_row,
     iterate_closing,
     row_blob_names,
-    size_of_chunk,
+    write_behind,
 )
 from ._protocol import DEFAULT_GC_MIN_AGE, GcReport, RepositoryStats
 
@@ -71,6 +70,8 @@ if TYPE_CHECKING:
 
     from psycopg import Connection
     from psycopg.rows import TupleRow
+
+    from .._core._events import BytesLike
 
     Conn = Connection[TupleRow]
 
@@ -643,39 +644,12 @@ class PostgresOutputRepository:
         return CacheRef(signer.issue(ns, name), size, mime)
 
     async def _pump(self, conn: Conn, fd: int, chunks: AsyncIterator[BytesLike]) -> int:
-        total = 0
-        send, receive = trio.open_memory_channel[list[BytesLike]](0)
+        async def write_batch(batch: list[BytesLike]) -> None:
+            await _run(_lo_write, conn, fd, batch)
 
-        async def writer() -> None:
-            async with receive:
-                async for batch in receive:
-                    await _run(_lo_write, conn, fd, batch)
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(writer)
-                async with send:
-                    batch: list[BytesLike] = []
-                    gathered = 0
-                    async for chunk in chunks:
-                        size = size_of_chunk(chunk)
-                        if not size:
-                            continue
-                        batch.append(chunk)
-                        gathered += size
-                        total += size
-                        if gathered >= self._write_batch or len(batch) >= _MAX_BATCH_ITEMS:
-                            await send.send(batch)
-                            batch, gathered = [], 0
-                    if batch:
-                        await send.send(batch)
-        except BaseExceptionGroup as group:
-            # Give the caller the one real error, not a group made by our private nursery.
-            real = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-            if len(real) == 1 and not isinstance(real[0], BaseExceptionGroup):
-                raise real[0] from None
-            raise
-        return total
+        return await write_behind(
+            chunks, write_batch, batch_bytes=self._write_batch, max_items=_MAX_BATCH_ITEMS
+        )
 
     async def get_output_by_ref(self, ref: CacheRef) -> bytes:
         """
