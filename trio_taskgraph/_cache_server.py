@@ -68,6 +68,7 @@ from ._core._messages import (
     Stats,
     Welcome,
     decode_client,
+    encode_data_frame,
     encode_message,
     error_kind,
 )
@@ -90,6 +91,8 @@ __all__ = [
     "prepare_socket_path",
     "serve_cache_server",
     "widen_send_buffer",
+    "write_now",
+    "write_rest",
 ]
 
 Ts = TypeVarTuple("Ts")
@@ -280,28 +283,39 @@ class _Connection:
         self.decoded_bytes = 0  # what this connection's decoder holds, as last counted
         self.idle = trio.Event()
         self.idle.set()
-        self.outbox: list[bytes] = []  # replies the reader sends before it next waits
+        self.outbox: list[bytes | memoryview] = []  # replies the reader sends before it next waits
 
     # -- sending --
 
     async def send(self, message: ServerMessage) -> None:
         """Send one frame; a frame is sent whole or the connection is torn down."""
-        await self._send_bytes(encode_message(message))
+        await self._send_parts([encode_message(message)])
 
-    async def _send_bytes(self, data: bytes) -> None:
+    async def _send_parts(
+        self, parts: list[bytes | memoryview], *, checkpoint: bool = True
+    ) -> None:
+        """
+        Send whole frames (``parts`` concatenated). Always a trip through the scheduler
+        (never a cancellation point) unless ``checkpoint`` is false and the kernel takes
+        the bytes at once: the reader, which waits on the socket next anyway, skips it.
+        """
         lock = self.send_lock
         try:
             lock.acquire_nowait()  # uncontended: no extra trip through the scheduler
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            # A frame cut by a cancellation would corrupt the stream: finish it.
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._tear_down()
-                    raise
+            try:
+                rest = write_now(self.stream, parts)
+                if rest:
+                    # A frame cut by a cancellation would corrupt the stream: finish it.
+                    with trio.CancelScope(shield=True):
+                        await write_rest(self.stream, rest)
+                elif checkpoint:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._tear_down()
+                raise
         finally:
             lock.release()
 
@@ -375,7 +389,7 @@ class _Connection:
                 if self.outbox:
                     # Replies made while dispatching this batch leave in one write.
                     frames, self.outbox = self.outbox, []
-                    await self._send_bytes(b"".join(frames))
+                    await self._send_parts(frames, checkpoint=False)
                 data = await self.stream.receive_some(_RECEIVE_BYTES)
                 decoder.receive_data(data)
                 continue
@@ -704,7 +718,7 @@ class _Connection:
                             while download.credit < len(part):
                                 await download.lot.park()
                             download.credit -= len(part)
-                            await self.send(Data(id=download.id, data=part))
+                            await self._send_parts(encode_data_frame(download.id, part))
                     finally:
                         server._add_buffered(-len(piece))
         if failure:
@@ -844,6 +858,57 @@ class CacheServer:
 
 
 # --- the socket -------------------------------------------------------------------------
+
+#: Most buffers handed to one ``os.writev`` (IOV_MAX is 1024 on Linux).
+_MAX_PARTS: Final = 64
+
+
+def write_now(stream: trio.abc.Stream, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """
+    Write as much of the concatenation of ``parts`` as the kernel takes at once, with one
+    non-blocking scatter write (``os.writev``) on ``stream``'s socket: no copy to join the
+    parts and no trip through the scheduler. Returns the parts still to send (empty: all
+    sent), for `write_rest`. A stream that is not a socket gets nothing written here.
+
+    Each part's ``len`` must be its size in bytes (bytes, bytearray, or a byte memoryview).
+    Hold the connection's send lock from this call until `write_rest` returns: a frame is
+    sent whole or the connection is torn down.
+
+    Raises:
+        trio.BrokenResourceError: the socket broke (the peer is gone).
+        trio.ClosedResourceError: the socket is closed.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return parts
+    fd = stream.socket.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the socket is closed")
+    pending: list[bytes | memoryview] = parts if len(parts) <= _MAX_PARTS else [b"".join(parts)]
+    try:
+        written = os.writev(fd, pending)
+    except BlockingIOError:
+        return pending
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"the socket broke: {exc}") from exc
+    index = 0
+    while index < len(pending) and written >= len(pending[index]):
+        written -= len(pending[index])
+        index += 1
+    rest = pending[index:]
+    if written:
+        rest[0] = memoryview(rest[0])[written:]
+    return rest
+
+
+async def write_rest(stream: trio.abc.Stream, rest: list[bytes | memoryview]) -> None:
+    """
+    Send ``rest`` (what `write_now` left) with ``send_all``.
+
+    Cancellation: call it under a shield; a frame cut half-way would corrupt the stream.
+    """
+    for part in rest:
+        await stream.send_all(part)
+
 
 #: Send buffer asked for on both ends: a whole chunk frame fits, so it moves in one wake-up
 #: of each side instead of a dozen (the kernel caps it at net.core.wmem_max).

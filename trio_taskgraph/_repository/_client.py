@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Final, final
 import attrs
 import trio
 
-from .._cache_server import CacheServerStatistics, widen_send_buffer
+from .._cache_server import CacheServerStatistics, widen_send_buffer, write_now, write_rest
 from .._core._codec import CLOSED, NEED_DATA, FrameDecoder
 from .._core._keys import check_namespace, input_digest
 from .._core._messages import (
@@ -202,15 +202,21 @@ class _Connection:
 
     # -- sending --
 
-    async def send(self, message: ClientMessage) -> None:
+    async def send(self, message: ClientMessage, *, checkpoint: bool = True) -> None:
         """
         Send one frame whole. Raises `CacheServerError` if the connection is (or goes) dead,
         `WireFormatError` if ``message`` cannot be encoded (nothing is sent then).
+
+        Never a cancellation point. A trip through the scheduler unless ``checkpoint`` is
+        false and the kernel takes the frame at once (a caller that parks next skips it).
         """
         if self.failure is not None:
             await trio.lowlevel.checkpoint()
             raise self.dead()
-        frame = encode_message(message)
+        await self.send_parts([encode_message(message)], checkpoint=checkpoint)
+
+    async def send_parts(self, parts: list[bytes | memoryview], *, checkpoint: bool = True) -> None:
+        """Send whole frames (``parts`` concatenated, uncopied); see `send`."""
         lock = self.send_lock
         try:
             lock.acquire_nowait()  # uncontended: no extra trip through the scheduler
@@ -219,15 +225,18 @@ class _Connection:
         try:
             if self.failure is not None:
                 raise self.dead()
-            with trio.CancelScope(shield=True) as scope:
-                scope.relative_deadline = SEND_TIMEOUT
-                try:
-                    await self.stream.send_all(frame)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self.fail(
-                        f"the cache server connection broke: {str(exc) or type(exc).__name__}"
-                    )
-                    raise self.dead() from None
+            try:
+                rest = write_now(self.stream, parts)
+                if not rest:
+                    if checkpoint:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return
+                with trio.CancelScope(shield=True) as scope:
+                    scope.relative_deadline = SEND_TIMEOUT
+                    await write_rest(self.stream, rest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.fail(f"the cache server connection broke: {str(exc) or type(exc).__name__}")
+                raise self.dead() from None
             if scope.cancelled_caught:
                 self.fail(f"the cache server took over {SEND_TIMEOUT} s to take a frame")
                 raise self.dead()
@@ -350,14 +359,23 @@ class _Connection:
 
     async def call(self, build: Callable[[int], ClientMessage]) -> object:
         """Send ``build(request_id)`` and wait for its reply's value (or raise its error)."""
-        async with self.slot():
+        limiter = self.limiter
+        try:
+            limiter.acquire_nowait()  # a free slot costs no trip through the scheduler
+        except trio.WouldBlock:
+            await limiter.acquire()
+        try:
             request = self.open_request()
             try:
-                await self.send(build(request.id))
+                # No trip through the scheduler when the frame goes at once: the park below
+                # is this call's checkpoint (a round trip is two wake-ups, not three).
+                await self.send(build(request.id), checkpoint=False)
                 while not request.done:
                     await request.lot.park()
             finally:
                 self.close_request(request)
+        finally:
+            limiter.release()
         if request.error is not None:
             raise request.error
         return request.value
