@@ -283,7 +283,9 @@ class _Connection:
         self.decoded_bytes = 0  # what this connection's decoder holds, as last counted
         self.idle = trio.Event()
         self.idle.set()
-        self.outbox: list[bytes | memoryview] = []  # replies the reader sends before it next waits
+        self.outbox: list[
+            bytes | bytearray | memoryview
+        ] = []  # replies the reader sends before it next waits
 
     # -- sending --
 
@@ -292,7 +294,7 @@ class _Connection:
         await self._send_parts([encode_message(message)])
 
     async def _send_parts(
-        self, parts: list[bytes | memoryview], *, checkpoint: bool = True
+        self, parts: list[bytes | bytearray | memoryview], *, checkpoint: bool = True
     ) -> None:
         """
         Send whole frames (``parts`` concatenated). Always a trip through the scheduler
@@ -863,7 +865,9 @@ class CacheServer:
 _MAX_PARTS: Final = 64
 
 
-def write_now(stream: trio.abc.Stream, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+def write_now(
+    stream: trio.abc.Stream, parts: list[bytes | bytearray | memoryview]
+) -> list[bytes | bytearray | memoryview]:
     """
     Write as much of the concatenation of ``parts`` as the kernel takes at once, with one
     non-blocking scatter write (``os.writev``) on ``stream``'s socket: no copy to join the
@@ -883,7 +887,9 @@ def write_now(stream: trio.abc.Stream, parts: list[bytes | memoryview]) -> list[
     fd = stream.socket.fileno()
     if fd < 0:
         raise trio.ClosedResourceError("the socket is closed")
-    pending: list[bytes | memoryview] = parts if len(parts) <= _MAX_PARTS else [b"".join(parts)]
+    pending: list[bytes | bytearray | memoryview] = (
+        parts if len(parts) <= _MAX_PARTS else [b"".join(parts)]
+    )
     try:
         written = os.writev(fd, pending)
     except BlockingIOError:
@@ -900,7 +906,7 @@ def write_now(stream: trio.abc.Stream, parts: list[bytes | memoryview]) -> list[
     return rest
 
 
-async def write_rest(stream: trio.abc.Stream, rest: list[bytes | memoryview]) -> None:
+async def write_rest(stream: trio.abc.Stream, rest: list[bytes | bytearray | memoryview]) -> None:
     """
     Send ``rest`` (what `write_now` left) with ``send_all``.
 

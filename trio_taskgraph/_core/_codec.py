@@ -362,7 +362,7 @@ _FLAT_TYPES: Final = frozenset({str, bytes, int, float, bool, type(None), CacheR
 _FLAT_MAP_ITEMS: Final = 32
 
 
-def _decode(data: bytes, limits: WireLimits) -> object:
+def _decode(data: bytes | memoryview, limits: WireLimits) -> object:
     size = len(data)
     if size > limits.max_bytes:
         raise WireFormatError(f"value is {size} bytes; max_bytes is {limits.max_bytes}")
@@ -405,6 +405,8 @@ def _decode(data: bytes, limits: WireLimits) -> object:
         # carrying a chunk, say) is depth 1 and holds no timestamp: skip the byte scans
         # below, which cost time in proportion to its binary payload (S5-3 still holds).
         return value
+    if type(data) is not bytes:
+        data = bytes(data)  # the scans below need bytes
     # Invariant (S5-3): depth, checked exactly only when the cheap bound fails.
     if (
         size > max_depth
@@ -642,8 +644,13 @@ class FrameDecoder:
             (length,) = _HEADER.unpack_from(buffer, start)
             end = start + FRAME_HEADER_SIZE + length
             if end <= len(buffer):
-                with memoryview(buffer) as view:  # one copy of the body, not two
-                    body = bytes(view[start + FRAME_HEADER_SIZE : end])
+                try:
+                    # Decoded straight out of the buffer: no copy of the body (msgpack
+                    # copies what it keeps, a binary payload once).
+                    with memoryview(buffer) as view, view[start + FRAME_HEADER_SIZE : end] as body:
+                        value = _decode(body, self._limits)
+                except WireFormatError as exc:
+                    raise self._fail(str(exc)) from None
                 self._start = end
                 if end == len(buffer):
                     # Everything consumed: reset instead of compacting.
@@ -654,10 +661,7 @@ class FrameDecoder:
                     del buffer[:end]
                     self._start = 0
                     self._scanned -= end
-                try:
-                    return _decode(body, self._limits)
-                except WireFormatError as exc:
-                    raise self._fail(str(exc)) from None
+                return value
         if self._eof:
             if available == 0:
                 return CLOSED

@@ -451,8 +451,8 @@ _END_KEY: Final = packb("end")
 
 
 def _stream_frame(
-    head: bytes, payload: list[bytes | memoryview], size: int
-) -> list[bytes | memoryview]:
+    head: bytes, payload: list[bytes | bytearray | memoryview], size: int
+) -> list[bytes | bytearray | memoryview]:
     total = len(head) + size
     if total > DEFAULT_MAX_FRAME_BYTES:
         raise WireFormatError(
@@ -462,8 +462,8 @@ def _stream_frame(
 
 
 def encode_chunk_frame(
-    request_id: int, payload: list[bytes | memoryview], size: int
-) -> list[bytes | memoryview]:
+    request_id: int, payload: list[bytes | bytearray | memoryview], size: int
+) -> list[bytes | bytearray | memoryview]:
     """
     Encode ``ChunkMessage(id=request_id, data=b"".join(payload))`` as frame parts whose
     concatenation is the frame, without copying ``payload`` (each part a byte buffer whose
@@ -476,7 +476,9 @@ def encode_chunk_frame(
     return _stream_frame(head, payload, size)
 
 
-def encode_data_frame(request_id: int, data: bytes | memoryview) -> list[bytes | memoryview]:
+def encode_data_frame(
+    request_id: int, data: bytes | bytearray | memoryview
+) -> list[bytes | bytearray | memoryview]:
     """
     Encode ``Data(id=request_id, data=data)`` as frame parts (see `encode_chunk_frame`):
     the frame's head, then ``data`` itself, uncopied.
