@@ -89,6 +89,7 @@ __all__ = [
     "CacheServer",
     "CacheServerStatistics",
     "prepare_socket_path",
+    "receive_into",
     "serve_cache_server",
     "widen_send_buffer",
     "write_now",
@@ -392,8 +393,7 @@ class _Connection:
                     # Replies made while dispatching this batch leave in one write.
                     frames, self.outbox = self.outbox, []
                     await self._send_parts(frames, checkpoint=False)
-                data = await self.stream.receive_some(_RECEIVE_BYTES)
-                decoder.receive_data(data)
+                await receive_into(self.stream, decoder, _RECEIVE_BYTES)
                 continue
             if frame is CLOSED:
                 raise _CleanClose
@@ -904,6 +904,30 @@ def write_now(
     if written:
         rest[0] = memoryview(rest[0])[written:]
     return rest
+
+
+async def receive_into(stream: trio.abc.Stream, decoder: FrameDecoder, size: int) -> None:
+    """
+    Receive up to ``size`` bytes from ``stream`` into ``decoder`` (an empty read is EOF).
+
+    A socket reads straight into the decoder's reused buffer (`FrameDecoder.receive_buffer`):
+    no fresh memory per read, which costs more than the copy it saves.
+
+    Raises:
+        trio.BrokenResourceError: the socket broke.
+        WireFormatError: the bytes break a frame rule (see `FrameDecoder.receive_data`).
+
+    Cancellation: nothing is taken from the socket (as ``receive_some``).
+    """
+    if not isinstance(stream, trio.SocketStream):
+        decoder.receive_data(await stream.receive_some(size))
+        return
+    with decoder.receive_buffer(size) as view:
+        try:
+            count = await stream.socket.recv_into(view)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the socket broke: {exc}") from exc
+    decoder.commit_received(count)
 
 
 async def write_rest(stream: trio.abc.Stream, rest: list[bytes | bytearray | memoryview]) -> None:

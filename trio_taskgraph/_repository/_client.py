@@ -43,7 +43,13 @@ from typing import TYPE_CHECKING, Final, final
 import attrs
 import trio
 
-from .._cache_server import CacheServerStatistics, widen_send_buffer, write_now, write_rest
+from .._cache_server import (
+    CacheServerStatistics,
+    receive_into,
+    widen_send_buffer,
+    write_now,
+    write_rest,
+)
 from .._core._codec import CLOSED, NEED_DATA, FrameDecoder
 from .._core._keys import check_namespace, input_digest
 from .._core._messages import (
@@ -271,7 +277,7 @@ class _Connection:
                 self._add_buffered(held - self.decoded)
                 self.decoded = held
             if frame is NEED_DATA:
-                decoder.receive_data(await self.stream.receive_some(_RECEIVE_BYTES))
+                await receive_into(self.stream, decoder, _RECEIVE_BYTES)
                 continue
             if frame is CLOSED:
                 raise CacheServerError("the cache server closed the connection")
