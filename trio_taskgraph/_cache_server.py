@@ -713,8 +713,8 @@ class _Connection:
                 async for piece in receive_piece:
                     try:
                         for start in range(0, len(piece), chunk_bytes):
-                            part = (
-                                piece[start : start + chunk_bytes]
+                            part: bytes | memoryview = (
+                                memoryview(piece)[start : start + chunk_bytes]
                                 if start or len(piece) > chunk_bytes
                                 else piece
                             )
