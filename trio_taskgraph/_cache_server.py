@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
 import math
 import os
@@ -68,6 +69,7 @@ from ._core._messages import (
     Stats,
     Welcome,
     decode_client,
+    encode_data_frame,
     encode_message,
     error_kind,
 )
@@ -88,8 +90,12 @@ __all__ = [
     "CacheServer",
     "CacheServerStatistics",
     "prepare_socket_path",
+    "receive_into",
     "serve_cache_server",
+    "tune_allocator",
     "widen_send_buffer",
+    "write_now",
+    "write_rest",
 ]
 
 Ts = TypeVarTuple("Ts")
@@ -280,28 +286,41 @@ class _Connection:
         self.decoded_bytes = 0  # what this connection's decoder holds, as last counted
         self.idle = trio.Event()
         self.idle.set()
-        self.outbox: list[bytes] = []  # replies the reader sends before it next waits
+        self.outbox: list[
+            bytes | bytearray | memoryview
+        ] = []  # replies the reader sends before it next waits
 
     # -- sending --
 
     async def send(self, message: ServerMessage) -> None:
         """Send one frame; a frame is sent whole or the connection is torn down."""
-        await self._send_bytes(encode_message(message))
+        await self._send_parts([encode_message(message)])
 
-    async def _send_bytes(self, data: bytes) -> None:
+    async def _send_parts(
+        self, parts: list[bytes | bytearray | memoryview], *, checkpoint: bool = True
+    ) -> None:
+        """
+        Send whole frames (``parts`` concatenated). Always a trip through the scheduler
+        (never a cancellation point) unless ``checkpoint`` is false and the kernel takes
+        the bytes at once: the reader, which waits on the socket next anyway, skips it.
+        """
         lock = self.send_lock
         try:
             lock.acquire_nowait()  # uncontended: no extra trip through the scheduler
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            # A frame cut by a cancellation would corrupt the stream: finish it.
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._tear_down()
-                    raise
+            try:
+                rest = write_now(self.stream, parts)
+                if rest:
+                    # A frame cut by a cancellation would corrupt the stream: finish it.
+                    with trio.CancelScope(shield=True):
+                        await write_rest(self.stream, rest)
+                elif checkpoint:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._tear_down()
+                raise
         finally:
             lock.release()
 
@@ -375,9 +394,8 @@ class _Connection:
                 if self.outbox:
                     # Replies made while dispatching this batch leave in one write.
                     frames, self.outbox = self.outbox, []
-                    await self._send_bytes(b"".join(frames))
-                data = await self.stream.receive_some(_RECEIVE_BYTES)
-                decoder.receive_data(data)
+                    await self._send_parts(frames, checkpoint=False)
+                await receive_into(self.stream, decoder, _RECEIVE_BYTES)
                 continue
             if frame is CLOSED:
                 raise _CleanClose
@@ -695,8 +713,8 @@ class _Connection:
                 async for piece in receive_piece:
                     try:
                         for start in range(0, len(piece), chunk_bytes):
-                            part = (
-                                piece[start : start + chunk_bytes]
+                            part: bytes | memoryview = (
+                                memoryview(piece)[start : start + chunk_bytes]
                                 if start or len(piece) > chunk_bytes
                                 else piece
                             )
@@ -704,7 +722,7 @@ class _Connection:
                             while download.credit < len(part):
                                 await download.lot.park()
                             download.credit -= len(part)
-                            await self.send(Data(id=download.id, data=part))
+                            await self._send_parts(encode_data_frame(download.id, part))
                     finally:
                         server._add_buffered(-len(piece))
         if failure:
@@ -845,6 +863,85 @@ class CacheServer:
 
 # --- the socket -------------------------------------------------------------------------
 
+#: Most buffers handed to one ``os.writev`` (IOV_MAX is 1024 on Linux).
+_MAX_PARTS: Final = 64
+
+
+def write_now(
+    stream: trio.abc.Stream, parts: list[bytes | bytearray | memoryview]
+) -> list[bytes | bytearray | memoryview]:
+    """
+    Write as much of the concatenation of ``parts`` as the kernel takes at once, with one
+    non-blocking scatter write (``os.writev``) on ``stream``'s socket: no copy to join the
+    parts and no trip through the scheduler. Returns the parts still to send (empty: all
+    sent), for `write_rest`. A stream that is not a socket gets nothing written here.
+
+    Each part's ``len`` must be its size in bytes (bytes, bytearray, or a byte memoryview).
+    Hold the connection's send lock from this call until `write_rest` returns: a frame is
+    sent whole or the connection is torn down.
+
+    Raises:
+        trio.BrokenResourceError: the socket broke (the peer is gone).
+        trio.ClosedResourceError: the socket is closed.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return parts
+    fd = stream.socket.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the socket is closed")
+    pending: list[bytes | bytearray | memoryview] = (
+        parts if len(parts) <= _MAX_PARTS else [b"".join(parts)]
+    )
+    try:
+        written = os.writev(fd, pending)
+    except BlockingIOError:
+        return pending
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"the socket broke: {exc}") from exc
+    index = 0
+    while index < len(pending) and written >= len(pending[index]):
+        written -= len(pending[index])
+        index += 1
+    rest = pending[index:]
+    if written:
+        rest[0] = memoryview(rest[0])[written:]
+    return rest
+
+
+async def receive_into(stream: trio.abc.Stream, decoder: FrameDecoder, size: int) -> None:
+    """
+    Receive up to ``size`` bytes from ``stream`` into ``decoder`` (an empty read is EOF).
+
+    A socket reads straight into the decoder's reused buffer (`FrameDecoder.receive_buffer`):
+    no fresh memory per read, which costs more than the copy it saves.
+
+    Raises:
+        trio.BrokenResourceError: the socket broke.
+        WireFormatError: the bytes break a frame rule (see `FrameDecoder.receive_data`).
+
+    Cancellation: nothing is taken from the socket (as ``receive_some``).
+    """
+    if not isinstance(stream, trio.SocketStream):
+        decoder.receive_data(await stream.receive_some(size))
+        return
+    with decoder.receive_buffer(size) as view:
+        try:
+            count = await stream.socket.recv_into(view)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the socket broke: {exc}") from exc
+    decoder.commit_received(count)
+
+
+async def write_rest(stream: trio.abc.Stream, rest: list[bytes | bytearray | memoryview]) -> None:
+    """
+    Send ``rest`` (what `write_now` left) with ``send_all``.
+
+    Cancellation: call it under a shield; a frame cut half-way would corrupt the stream.
+    """
+    for part in rest:
+        await stream.send_all(part)
+
+
 #: Send buffer asked for on both ends: a whole chunk frame fits, so it moves in one wake-up
 #: of each side instead of a dozen (the kernel caps it at net.core.wmem_max).
 SEND_BUFFER_BYTES: Final = 2 * 1024 * 1024
@@ -857,6 +954,38 @@ def widen_send_buffer(stream: object) -> None:
             stream.setsockopt(
                 _stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_SNDBUF, SEND_BUFFER_BYTES
             )
+
+
+#: Freed heap memory the server process keeps for reuse by default (`tune_allocator`).
+DEFAULT_KEEP_FREED_BYTES: Final = 64 * 1024 * 1024
+_M_TRIM_THRESHOLD: Final = -1  # glibc's mallopt parameters
+_M_MMAP_THRESHOLD: Final = -3
+_MMAP_THRESHOLD: Final = 4 * 1024 * 1024
+
+
+def tune_allocator(keep_freed_bytes: int = DEFAULT_KEEP_FREED_BYTES) -> bool:
+    """
+    Let this process's allocator (glibc) keep up to ``keep_freed_bytes`` of freed memory
+    instead of handing it back to the kernel, and serve blocks up to 4 MiB from its heap.
+
+    A stream moves through the server in megabyte chunks; by default glibc maps each one
+    fresh and unmaps it when freed, so every chunk costs page faults on fresh memory (about
+    0.7 s per GiB here, more than the copies). Only for a process that is a cache server:
+    `python -m trio_taskgraph.cache_server` calls it (``--keep-freed-bytes 0`` skips it),
+    never the library in a user's process. Best effort: False where there is no glibc.
+    """
+    if keep_freed_bytes <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    keep = min(keep_freed_bytes, 2**31 - 1)
+    trimmed: object = mallopt(_M_TRIM_THRESHOLD, keep)
+    mapped: object = mallopt(_M_MMAP_THRESHOLD, min(_MMAP_THRESHOLD, keep))
+    return trimmed == 1 and mapped == 1
 
 
 def prepare_socket_path(socket_path: str | os.PathLike[str]) -> Path:

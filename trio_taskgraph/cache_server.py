@@ -19,11 +19,13 @@ import trio
 
 from ._cache_server import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_KEEP_FREED_BYTES,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_ROW_CACHE_BYTES,
     DEFAULT_WINDOW,
     CacheServer,
     serve_cache_server,
+    tune_allocator,
 )
 from ._errors import CacheServerError
 
@@ -49,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_ROW_CACHE_BYTES,
         help="rows kept in memory; 0 if other processes write the folder's rows",
+    )
+    parser.add_argument(
+        "--keep-freed-bytes",
+        type=int,
+        default=DEFAULT_KEEP_FREED_BYTES,
+        help="freed memory the allocator keeps for reuse (glibc; 0: leave it as it is)",
     )
     parser.add_argument(
         "--grace", type=float, default=10.0, help="seconds open requests get on SIGTERM"
@@ -79,6 +87,7 @@ async def _serve(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the server with parsed ``args``; returns the exit status."""
     status = 0
+    tune_allocator(getattr(args, "keep_freed_bytes", DEFAULT_KEEP_FREED_BYTES))
     try:
         trio.run(_serve, args)
     except* CacheServerError as refused:

@@ -622,3 +622,87 @@ def test_unknown_ext_types_under_explicit_limits() -> None:
     assert_wire_error(ext(7, b"p" * 50), "unknown ext type 7", max_str_len=10)
     assert_wire_error(ext(1, msgpack.packb(["r", 1])), "CacheRef", max_str_len=10)
     assert_wire_error(ext(2, b"\xc1"), "Blob", max_str_len=10)
+
+
+# --- receiving into the decoder's buffer (S5-5, S5-16) -----------------------------------
+
+
+def _feed_into(decoder: FrameDecoder, data: bytes, step: int) -> list[object]:
+    frames: list[object] = []
+    for start in range(0, len(data), step):
+        piece = data[start : start + step]
+        view = decoder.receive_buffer(len(piece) + 3)
+        view[: len(piece)] = piece
+        view.release()
+        decoder.commit_received(len(piece))
+        while (frame := decoder.next_frame()) is not NEED_DATA:
+            frames.append(frame)
+    decoder.commit_received(0)
+    frames.append(decoder.next_frame())
+    return frames
+
+
+@given(st.lists(wire_values, max_size=6), st.integers(1, 300), st.integers(0, 3))
+def test_receive_buffer_is_receive_data(values: list[object], step: int, big: int) -> None:
+    """S5-16 (property): receiving into the lent buffer in any split yields exactly the frames
+    `receive_data` yields, large frames (which grow the buffer) included."""
+    values = [*values, *([b"x" * 200_000] * big)]
+    data = b"".join(encode_frame(v) for v in values)
+    by_copy = FrameDecoder()
+    expected: list[object] = []
+    for start in range(0, len(data), step * 997):
+        by_copy.receive_data(data[start : start + step * 997])
+        while (frame := by_copy.next_frame()) is not NEED_DATA:
+            expected.append(frame)
+    by_copy.receive_data(b"")
+    expected.append(by_copy.next_frame())
+    got = _feed_into(FrameDecoder(), data, step * 997)
+    assert got == expected
+    assert got[-1] is CLOSED
+    assert [normalized(v) for v in values] == got[:-1]
+
+
+def test_receive_buffer_checks_headers_on_commit() -> None:
+    """S5-4 via S5-16: a declared length over the limit is refused as its header is committed."""
+    decoder = FrameDecoder(max_frame_bytes=1000)
+    view = decoder.receive_buffer(4)
+    view[:4] = struct.pack(">I", 1001)
+    view.release()
+    with pytest.raises(tg.WireFormatError, match="max_frame_bytes"):
+        decoder.commit_received(4)
+    assert decoder.buffered_bytes == 0
+    with pytest.raises(tg.WireFormatError, match="already failed"):
+        decoder.receive_buffer(10)
+
+
+def test_receive_buffer_misuse() -> None:
+    """S5-5: EOF is final; a commit larger than the lent room, or an empty lend, is refused."""
+    decoder = FrameDecoder()
+    with pytest.raises(ValueError, match="size"):
+        decoder.receive_buffer(0)
+    decoder.receive_buffer(8).release()
+    with pytest.raises(ValueError, match="lent out"):
+        decoder.commit_received(10**9)
+    with pytest.raises(ValueError, match="lent out"):
+        decoder.commit_received(-1)
+    decoder.commit_received(0)  # EOF
+    assert decoder.next_frame() is CLOSED
+    with pytest.raises(tg.WireFormatError, match="after EOF"):
+        decoder.receive_buffer(8)
+
+
+def test_decoder_gives_back_a_large_frames_memory() -> None:
+    """S5-16: the buffer grows for a large frame and is dropped once it is consumed."""
+    decoder = FrameDecoder()
+    decoder.receive_data(encode_frame(b"y" * (8 * 1024 * 1024)))
+    assert decoder.next_frame() == b"y" * (8 * 1024 * 1024)
+    assert decoder.buffered_bytes == 0
+    tracemalloc.start()
+    try:
+        decoder.receive_data(encode_frame(1))
+        assert decoder.next_frame() == 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+    assert len(decoder._buffer) < 1024 * 1024  # the 8 MiB buffer was let go

@@ -234,3 +234,50 @@ def test_hot_encoders_agree_with_the_converter(message: ClientMessage | ServerMe
     if fast is not None:
         union = messages.ServerMessage if type(message) in (Ok, Data) else messages.ClientMessage
         assert fast(message) == messages._CONVERTER.unstructure(message, union)
+
+
+# --- stream frames built as parts (S5-16) ----------------------------------------------------
+
+_BIN_EDGES = [0, 1, 255, 256, 65535, 65536, 70000]
+
+
+@pytest.mark.parametrize("size", _BIN_EDGES)
+@given(request_id=st.integers(0, 2**63 - 1), cut=st.integers(0, 70000))
+def test_chunk_frame_parts_are_the_chunk_message(size: int, request_id: int, cut: int) -> None:
+    """S5-16: the parts of a chunk frame concatenate to a frame holding exactly the
+    `ChunkMessage` the converter would build, whatever the payload's split, at every bin
+    header size (bin8/16/32)."""
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    cut = min(cut, size)
+    parts = messages.encode_chunk_frame(request_id, [data[:cut], memoryview(data)[cut:]], size)
+    frame = b"".join(parts)
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    assert parts[1] == data[:cut]  # the payload is not copied into the head
+    expected = encode_message(ChunkMessage(id=request_id, data=data))
+    assert unpackb(frame[4:]) == unpackb(expected[4:])
+    assert decode_client(unpackb(frame[4:])) == ChunkMessage(id=request_id, data=data)
+    assert len(frame) == len(expected)  # same encoding sizes as msgpack's own
+
+
+@pytest.mark.parametrize("size", _BIN_EDGES)
+def test_data_frame_parts_are_the_data_message(size: int) -> None:
+    """S5-16: a data frame's parts are its head and the payload itself (uncopied), and
+    decode as the `Data` message the converter would build."""
+    data = bytes(size)
+    parts = messages.encode_data_frame(7, data)
+    assert parts[-1] is data
+    frame = b"".join(parts)
+    expected = encode_message(Data(id=7, data=data))
+    assert len(frame) == len(expected)
+    assert decode_server(unpackb(frame[4:])) == Data(id=7, data=data)
+    decoder = FrameDecoder()
+    decoder.receive_data(frame)
+    assert decode_server(decoder.next_frame()) == Data(id=7, data=data)
+
+
+def test_stream_frames_refuse_what_a_peer_would_refuse() -> None:
+    """S5-16, S5-4: a stream frame over the frame limit is refused before anything is sent."""
+    with pytest.raises(tg.WireFormatError, match="max_frame_bytes"):
+        messages.encode_chunk_frame(1, [], 64 * 1024 * 1024)
+    with pytest.raises(tg.WireFormatError, match="max_frame_bytes"):
+        messages.encode_data_frame(1, memoryview(bytearray(64 * 1024 * 1024)))

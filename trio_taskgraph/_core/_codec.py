@@ -87,6 +87,10 @@ DEFAULT_MAX_CONTAINER_LEN: Final = 1 << 20
 FRAME_HEADER_SIZE: Final = 4
 
 _HEADER: Final = struct.Struct(">I")
+# FrameDecoder's buffer: allocated at least this large, and dropped (to be allocated again
+# when needed) once it is empty and larger than _KEEP_CAPACITY.
+_MIN_CAPACITY: Final = 64 * 1024
+_KEEP_CAPACITY: Final = 4 * 1024 * 1024
 _MAX_FRAME_LENGTH: Final = (1 << 32) - 1  # what a 4-byte prefix can declare
 
 # Bytes that can start an array or a map: fixmap 0x80-0x8f, fixarray 0x90-0x9f,
@@ -362,7 +366,7 @@ _FLAT_TYPES: Final = frozenset({str, bytes, int, float, bool, type(None), CacheR
 _FLAT_MAP_ITEMS: Final = 32
 
 
-def _decode(data: bytes, limits: WireLimits) -> object:
+def _decode(data: bytes | memoryview, limits: WireLimits) -> object:
     size = len(data)
     if size > limits.max_bytes:
         raise WireFormatError(f"value is {size} bytes; max_bytes is {limits.max_bytes}")
@@ -405,6 +409,8 @@ def _decode(data: bytes, limits: WireLimits) -> object:
         # carrying a chunk, say) is depth 1 and holds no timestamp: skip the byte scans
         # below, which cost time in proportion to its binary payload (S5-3 still holds).
         return value
+    if type(data) is not bytes:
+        data = bytes(data)  # the scans below need bytes
     # Invariant (S5-3): depth, checked exactly only when the cheap bound fails.
     if (
         size > max_depth
@@ -539,7 +545,7 @@ class FrameDecoder:
     the decoder is broken: every later call raises `WireFormatError` again.
     """
 
-    __slots__ = ("_buffer", "_eof", "_error", "_limits", "_scanned", "_start")
+    __slots__ = ("_buffer", "_end", "_eof", "_error", "_limits", "_scanned", "_start")
 
     def __init__(
         self,
@@ -557,8 +563,15 @@ class FrameDecoder:
             max_str_len=max_frame_bytes if max_str_len is None else max_str_len,
             max_bin_len=max_frame_bytes if max_bin_len is None else max_bin_len,
         )
+        # Theory of operation: bytes live in one reused buffer (fresh memory costs far more
+        # than copying into memory already touched): buffer[_start:_end] is unconsumed;
+        # the capacity beyond _end takes the next receive (`receive_buffer` lends it out
+        # so a socket reads straight into it). Consumed bytes are dropped by moving the
+        # live tail to the front only when room is short; the buffer grows for a frame
+        # larger than it, and goes back to its usual size once such a frame is consumed.
         self._buffer = bytearray()
         self._start = 0  # offset of the first unconsumed byte
+        self._end = 0  # offset just past the last received byte
         self._scanned = 0  # offset of the first frame header not yet checked
         self._eof = False
         self._error: WireFormatError | None = None
@@ -571,7 +584,7 @@ class FrameDecoder:
     @property
     def buffered_bytes(self) -> int:
         """Bytes received and not yet returned as frames."""
-        return len(self._buffer) - self._start
+        return self._end - self._start
 
     @property
     def broken(self) -> bool:
@@ -583,12 +596,46 @@ class FrameDecoder:
         self._error = error
         # Drop what is buffered: a broken decoder holds no memory.
         self._buffer = bytearray()
-        self._start = self._scanned = 0
+        self._start = self._end = self._scanned = 0
         return error
 
     def _check_broken(self) -> None:
         if self._error is not None:
             raise WireFormatError(f"decoder already failed: {self._error}")
+
+    def _reserve(self, size: int) -> None:
+        """Make room for ``size`` more bytes after ``_end``."""
+        buffer = self._buffer
+        if len(buffer) - self._end >= size:
+            return
+        start, live = self._start, self._end - self._start
+        if live + size <= len(buffer) and live <= start:
+            # Move the live tail to the front (no overlap: it is no longer than the gap).
+            with memoryview(buffer) as view:
+                view[:live] = view[start : start + live]
+        else:
+            grown = bytearray(max(2 * len(buffer), live + size, _MIN_CAPACITY))
+            with memoryview(buffer) as view:
+                grown[:live] = view[start : start + live]
+            self._buffer = grown
+        self._start = 0
+        self._end = live
+        self._scanned -= start
+
+    def _check_headers(self) -> None:
+        # Invariant (S5-4): check each declared length as soon as its header is buffered.
+        buffer = self._buffer
+        limit = self._limits.max_bytes
+        scanned = self._scanned
+        end = self._end
+        while scanned + FRAME_HEADER_SIZE <= end:
+            (length,) = _HEADER.unpack_from(buffer, scanned)
+            if length == 0:
+                raise self._fail("frame declares length 0 (a frame holds one value)")
+            if length > limit:
+                raise self._fail(f"frame declares {length} bytes; max_frame_bytes is {limit}")
+            scanned += FRAME_HEADER_SIZE + length
+        self._scanned = scanned
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """
@@ -611,20 +658,49 @@ class FrameDecoder:
         if not data:
             self._eof = True
             return
-        self._buffer += data
-        # Invariant (S5-4): check each declared length as soon as its header is buffered.
-        buffer = self._buffer
-        limit = self._limits.max_bytes
-        scanned = self._scanned
-        end = len(buffer)
-        while scanned + FRAME_HEADER_SIZE <= end:
-            (length,) = _HEADER.unpack_from(buffer, scanned)
-            if length == 0:
-                raise self._fail("frame declares length 0 (a frame holds one value)")
-            if length > limit:
-                raise self._fail(f"frame declares {length} bytes; max_frame_bytes is {limit}")
-            scanned += FRAME_HEADER_SIZE + length
-        self._scanned = scanned
+        with memoryview(data) as source, source.cast("B") as raw:
+            size = len(raw)
+            self._reserve(size)
+            self._buffer[self._end : self._end + size] = raw
+        self._end += size
+        self._check_headers()
+
+    def receive_buffer(self, size: int) -> memoryview:
+        """
+        Lend out room for ``size`` bytes to receive into (``socket.recv_into``), then call
+        `commit_received` with the count received. The view is only valid until the next
+        call on this decoder. This is `receive_data` without a copy: the same rules apply.
+
+        Raises:
+            WireFormatError: the decoder already failed, or EOF was received.
+            ValueError: ``size`` is below 1.
+        """
+        self._check_broken()
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        if self._eof:
+            raise self._fail("data received after EOF")
+        self._reserve(size)
+        return memoryview(self._buffer)[self._end : self._end + size]
+
+    def commit_received(self, count: int) -> None:
+        """
+        Take ``count`` bytes received into the last `receive_buffer` view; ``0`` marks EOF.
+
+        Raises:
+            WireFormatError: as `receive_data`.
+            ValueError: ``count`` is negative or more than the view lent out.
+        """
+        self._check_broken()
+        if count < 0 or self._end + count > len(self._buffer):
+            raise ValueError(f"commit_received({count}) is more than was lent out")
+        if count == 0:
+            self._eof = True
+            return
+        if self._eof:
+            raise self._fail("data received after EOF")
+        self._end += count
+        self._check_headers()
 
     def next_frame(self) -> object:
         """
@@ -637,27 +713,28 @@ class FrameDecoder:
         self._check_broken()
         buffer = self._buffer
         start = self._start
-        available = len(buffer) - start
+        available = self._end - start
         if available >= FRAME_HEADER_SIZE:
             (length,) = _HEADER.unpack_from(buffer, start)
             end = start + FRAME_HEADER_SIZE + length
-            if end <= len(buffer):
-                with memoryview(buffer) as view:  # one copy of the body, not two
-                    body = bytes(view[start + FRAME_HEADER_SIZE : end])
-                self._start = end
-                if end == len(buffer):
-                    # Everything consumed: reset instead of compacting.
-                    self._buffer = bytearray()
-                    self._start = 0
-                    self._scanned -= end
-                elif end > 65536 and end * 2 > len(buffer):
-                    del buffer[:end]
-                    self._start = 0
-                    self._scanned -= end
+            if end <= self._end:
                 try:
-                    return _decode(body, self._limits)
+                    # Decoded straight out of the buffer: no copy of the body (msgpack
+                    # copies what it keeps, a binary payload once).
+                    with memoryview(buffer) as view, view[start + FRAME_HEADER_SIZE : end] as body:
+                        value = _decode(body, self._limits)
                 except WireFormatError as exc:
                     raise self._fail(str(exc)) from None
+                if end == self._end:
+                    # Everything consumed: start over at the front of the buffer (and give
+                    # back the memory a large frame made it take).
+                    self._scanned -= end
+                    self._start = self._end = 0
+                    if len(buffer) > _KEEP_CAPACITY:
+                        self._buffer = bytearray()
+                else:
+                    self._start = end
+                return value
         if self._eof:
             if available == 0:
                 return CLOSED

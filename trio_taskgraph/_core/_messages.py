@@ -37,7 +37,7 @@ from .._errors import (
     RepositoryError,
     WireFormatError,
 )
-from ._codec import encode_frame
+from ._codec import DEFAULT_MAX_FRAME_BYTES, encode_frame, packb
 from ._events import Blob
 from ._refs import CacheRef
 
@@ -70,6 +70,8 @@ __all__ = [
     "Welcome",
     "decode_client",
     "decode_server",
+    "encode_chunk_frame",
+    "encode_data_frame",
     "encode_message",
     "error_kind",
 ]
@@ -423,6 +425,70 @@ def encode_message(message: ClientMessage | ServerMessage) -> bytes:
         value = _unstructure(message, union)
     frame: bytes = encode_frame(value)
     return frame
+
+
+# --- stream frames without copying their payload -----------------------------------------
+#
+# A chunk or data frame is the same msgpack map `encode_message` builds (the wire is
+# unchanged), but its payload is not copied into it: the frame is returned as parts, the
+# length prefix and the map up to the binary's header, then the payload's own buffers, for
+# one scatter write (``os.writev``). The binary field comes last in the map, so its bytes are
+# the frame's tail. Values are exactly as msgpack encodes them (the smallest bin header).
+
+
+def _bin_header(size: int) -> bytes:
+    if size < 0x100:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
+_CHUNK_HEAD: Final = packb("op") + packb("chunk") + packb("data")
+_DATA_HEAD: Final = packb("op") + packb("data") + packb("data")
+_ID_KEY: Final = packb("id")
+_END_KEY: Final = packb("end")
+
+
+def _stream_frame(
+    head: bytes, payload: list[bytes | bytearray | memoryview], size: int
+) -> list[bytes | bytearray | memoryview]:
+    total = len(head) + size
+    if total > DEFAULT_MAX_FRAME_BYTES:
+        raise WireFormatError(
+            f"frame body is {total} bytes; max_frame_bytes is {DEFAULT_MAX_FRAME_BYTES}"
+        )
+    return [total.to_bytes(4, "big") + head, *payload]
+
+
+def encode_chunk_frame(
+    request_id: int, payload: list[bytes | bytearray | memoryview], size: int
+) -> list[bytes | bytearray | memoryview]:
+    """
+    Encode ``ChunkMessage(id=request_id, data=b"".join(payload))`` as frame parts whose
+    concatenation is the frame, without copying ``payload`` (each part a byte buffer whose
+    ``len`` is its size in bytes; ``size`` is their total).
+
+    Raises:
+        WireFormatError: the frame would be longer than the default frame limit.
+    """
+    head = b"\x83" + _ID_KEY + packb(request_id) + _CHUNK_HEAD + _bin_header(size)
+    return _stream_frame(head, payload, size)
+
+
+def encode_data_frame(
+    request_id: int, data: bytes | bytearray | memoryview
+) -> list[bytes | bytearray | memoryview]:
+    """
+    Encode ``Data(id=request_id, data=data)`` as frame parts (see `encode_chunk_frame`):
+    the frame's head, then ``data`` itself, uncopied.
+
+    Raises:
+        WireFormatError: the frame would be longer than the default frame limit.
+    """
+    size = len(data)
+    head = b"\x84" + _ID_KEY + packb(request_id) + _END_KEY + b"\xc2" + _DATA_HEAD
+    return _stream_frame(head + _bin_header(size), [data], size)
 
 
 # --- hot paths -------------------------------------------------------------------------------

@@ -43,13 +43,18 @@ from typing import TYPE_CHECKING, Final, final
 import attrs
 import trio
 
-from .._cache_server import CacheServerStatistics, widen_send_buffer
+from .._cache_server import (
+    CacheServerStatistics,
+    receive_into,
+    widen_send_buffer,
+    write_now,
+    write_rest,
+)
 from .._core._codec import CLOSED, NEED_DATA, FrameDecoder
 from .._core._keys import check_namespace, input_digest
 from .._core._messages import (
     PROTOCOL_VERSION,
     Abort,
-    ChunkMessage,
     ClearOlderThan,
     ClientMessage,
     Credit,
@@ -69,6 +74,7 @@ from .._core._messages import (
     Stats,
     Welcome,
     decode_server,
+    encode_chunk_frame,
     encode_message,
 )
 from .._core._refs import MAX_REF_LENGTH, CacheRef
@@ -105,6 +111,10 @@ DEFAULT_STARTUP_TIMEOUT: Final = 30.0
 #: Seconds between SIGTERM and SIGKILL when `open_cache_server` stops its child.
 DEFAULT_STOP_GRACE: Final = 5.0
 _RECEIVE_BYTES: Final = 1024 * 1024
+#: Upload chunks at least this large (and immutable) join a frame uncopied.
+_BY_REFERENCE: Final = 16 * 1024
+#: Most buffers gathered into one upload frame.
+_MAX_FRAME_PARTS: Final = 60
 
 _KINDS: Final[dict[str, type[Exception]]] = {
     "foreign_ref": ForeignRefError,
@@ -202,15 +212,27 @@ class _Connection:
 
     # -- sending --
 
-    async def send(self, message: ClientMessage) -> None:
+    async def send(self, message: ClientMessage, *, checkpoint: bool = True) -> None:
         """
         Send one frame whole. Raises `CacheServerError` if the connection is (or goes) dead,
         `WireFormatError` if ``message`` cannot be encoded (nothing is sent then).
+
+        A checkpoint, as trio's ``send_all`` is: a cancellation point before anything is
+        sent (a cancelled caller sends nothing), then the frame goes whole, then a trip
+        through the scheduler. With ``checkpoint`` false (for a caller that parks next) and
+        a kernel that takes the frame at once, neither: no wake-up spent.
         """
         if self.failure is not None:
             await trio.lowlevel.checkpoint()
             raise self.dead()
-        frame = encode_message(message)
+        await self.send_parts([encode_message(message)], checkpoint=checkpoint)
+
+    async def send_parts(
+        self, parts: list[bytes | bytearray | memoryview], *, checkpoint: bool = True
+    ) -> None:
+        """Send whole frames (``parts`` concatenated, uncopied); see `send`."""
+        if checkpoint:
+            await trio.lowlevel.checkpoint_if_cancelled()
         lock = self.send_lock
         try:
             lock.acquire_nowait()  # uncontended: no extra trip through the scheduler
@@ -219,15 +241,18 @@ class _Connection:
         try:
             if self.failure is not None:
                 raise self.dead()
-            with trio.CancelScope(shield=True) as scope:
-                scope.relative_deadline = SEND_TIMEOUT
-                try:
-                    await self.stream.send_all(frame)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self.fail(
-                        f"the cache server connection broke: {str(exc) or type(exc).__name__}"
-                    )
-                    raise self.dead() from None
+            try:
+                rest = write_now(self.stream, parts)
+                if not rest:
+                    if checkpoint:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return
+                with trio.CancelScope(shield=True) as scope:
+                    scope.relative_deadline = SEND_TIMEOUT
+                    await write_rest(self.stream, rest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.fail(f"the cache server connection broke: {str(exc) or type(exc).__name__}")
+                raise self.dead() from None
             if scope.cancelled_caught:
                 self.fail(f"the cache server took over {SEND_TIMEOUT} s to take a frame")
                 raise self.dead()
@@ -252,7 +277,7 @@ class _Connection:
                 self._add_buffered(held - self.decoded)
                 self.decoded = held
             if frame is NEED_DATA:
-                decoder.receive_data(await self.stream.receive_some(_RECEIVE_BYTES))
+                await receive_into(self.stream, decoder, _RECEIVE_BYTES)
                 continue
             if frame is CLOSED:
                 raise CacheServerError("the cache server closed the connection")
@@ -350,14 +375,23 @@ class _Connection:
 
     async def call(self, build: Callable[[int], ClientMessage]) -> object:
         """Send ``build(request_id)`` and wait for its reply's value (or raise its error)."""
-        async with self.slot():
+        limiter = self.limiter
+        try:
+            limiter.acquire_nowait()  # a free slot costs no trip through the scheduler
+        except trio.WouldBlock:
+            await limiter.acquire()
+        try:
             request = self.open_request()
             try:
-                await self.send(build(request.id))
+                # No trip through the scheduler when the frame goes at once: the park below
+                # is this call's checkpoint (a round trip is two wake-ups, not three).
+                await self.send(build(request.id), checkpoint=False)
                 while not request.done:
                     await request.lot.park()
             finally:
                 self.close_request(request)
+        finally:
+            limiter.release()
         if request.error is not None:
             raise request.error
         return request.value
@@ -580,18 +614,30 @@ class CacheServerRepository:
                     SaveStream(id=request.id, ns=self._namespace, task_type=task_type, mime=mime)
                 )
                 step = conn.chunk_bytes
-                # Small chunks are gathered into frames of up to chunk_bytes: a frame costs
-                # a trip through the scheduler on both sides, whatever its size.
-                pending = bytearray()
+                # Chunks are gathered into frames of up to chunk_bytes (a frame costs a trip
+                # through the scheduler on both sides, whatever its size). Large immutable
+                # chunks join a frame by reference and leave in one scatter write; small or
+                # mutable ones (a producer may reuse its bytearray) are copied in.
+                parts: list[bytes | bytearray | memoryview] = []
+                gathered = 0  # bytes in parts
+                pending = bytearray()  # small chunks, copied
 
-                async def send_part(part: BytesLike) -> None:
+                async def send_frame() -> None:
+                    nonlocal parts, gathered, pending
+                    if pending:
+                        parts.append(pending)
+                        gathered += len(pending)
+                        pending = bytearray()
+                    frame, size = parts, gathered
+                    parts, gathered = [], 0
+                    if not size:
+                        return
                     # Invariant (S5-9): never send past the server's credit.
-                    size = len(part)
                     while request.credit < size and not request.done:
                         await request.lot.park()
                     if not request.done:
                         request.credit -= size
-                        await conn.send(ChunkMessage(id=request.id, data=part))  # type: ignore[arg-type]
+                        await conn.send_parts(encode_chunk_frame(request.id, frame, size))
 
                 async for chunk in chunks:
                     size = size_of_chunk(chunk)
@@ -599,21 +645,25 @@ class CacheServerRepository:
                         break  # the server failed the upload: stop pulling chunks
                     if not size:
                         continue
-                    if not pending and size == step and type(chunk) is bytes:
-                        await send_part(chunk)  # already a whole frame: no copy
-                        continue
                     view = memoryview(chunk).cast("B")
                     offset = 0
                     while offset < size and not request.done:
-                        take = min(step - len(pending), size - offset)
-                        pending += view[offset : offset + take]
+                        room = step - gathered - len(pending)
+                        take = min(room, size - offset)
+                        if type(chunk) is bytes and take >= _BY_REFERENCE:
+                            if pending:
+                                parts.append(pending)
+                                gathered += len(pending)
+                                pending = bytearray()
+                            parts.append(chunk if take == size else view[offset : offset + take])
+                            gathered += take
+                        else:
+                            pending += view[offset : offset + take]
                         offset += take
-                        if len(pending) >= step:
-                            part, pending = pending, bytearray()
-                            await send_part(part)
-                if pending and not request.done:
-                    await send_part(pending)
-                    pending = bytearray()
+                        if gathered + len(pending) >= step or len(parts) >= _MAX_FRAME_PARTS:
+                            await send_frame()
+                if not request.done:
+                    await send_frame()
                 if not request.done:
                     await conn.send(EndStream(id=request.id))
                     ended = True
