@@ -73,6 +73,8 @@ EXPECTED_PUBLIC = {
     "RefResolver",
     "RefFilter",
     "RefSource",
+    # demo, CLI and docs (issue 9)
+    "RowInfo",
 }
 
 

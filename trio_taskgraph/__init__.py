@@ -72,6 +72,9 @@ from ._repository import (
     RepositoryStats as RepositoryStats,
     RunPrivateRepository as RunPrivateRepository,
 )
+from ._repository._protocol import (  # demo, CLI and docs (issue 9)
+    RowInfo as RowInfo,
+)
 
 # refs and the ref walker (issue 4)
 from ._resolve import (
@@ -156,6 +159,8 @@ __all__ = [
     "RefResolver",
     "RefFilter",
     "RefSource",
+    # demo, CLI and docs (issue 9)
+    "RowInfo",
 ]
 
 
