@@ -73,6 +73,14 @@ EXPECTED_PUBLIC = {
     "RefResolver",
     "RefFilter",
     "RefSource",
+    # the runner (issue 7, runner)
+    "run_graph",
+    "run_task",
+    "RunEvent",
+    "RunListener",
+    "TaskStatus",
+    "TaskState",
+    "BinaryInputStream",
     # demo, CLI and docs (issue 9)
     "RowInfo",
 }

@@ -85,6 +85,17 @@ from ._resolve import (
     resolve_job_output as resolve_job_output,
     resolve_output as resolve_output,
 )
+from ._runner import (  # the runner (issue 7, runner)
+    RunEvent as RunEvent,
+    RunListener as RunListener,
+    TaskState as TaskState,
+    TaskStatus as TaskStatus,
+    run_graph as run_graph,
+    run_task as run_task,
+)
+from ._stream_processor import (  # the runner (issue 7, runner)
+    BinaryInputStream as BinaryInputStream,
+)
 from ._task import (  # tasks and graphs (issue 7, graph core)
     RunConfig as RunConfig,
     Task as Task,
@@ -159,6 +170,14 @@ __all__ = [
     "RefResolver",
     "RefFilter",
     "RefSource",
+    # the runner (issue 7, runner)
+    "run_graph",
+    "run_task",
+    "RunEvent",
+    "RunListener",
+    "TaskStatus",
+    "TaskState",
+    "BinaryInputStream",
     # demo, CLI and docs (issue 9)
     "RowInfo",
 ]

@@ -1,0 +1,521 @@
+"""
+The runner: run_graph / run_task (S6-40 ... S6-50), with the seed's cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import pytest
+import trio
+
+import trio_taskgraph as tg
+from trio_taskgraph import wire
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class Produce(tg.Task):
+    """Streams ``size`` bytes in ``chunk``-sized pieces at its binary port ``data``."""
+
+    type = "test_runner.Produce"
+    input_schema: Mapping[str, object] = {
+        "properties": {"size": {"type": "integer"}, "chunk": {"type": "integer"}},
+        "required": ["size"],
+    }
+    output_schema: Mapping[str, object] = {
+        "properties": {
+            "data": {"x-stream": "binary", "format": "binary"},
+            "log": {"type": "string", "x-stream": "append"},
+        }
+    }
+    cacheable = True
+    runs = 0
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        type(self).runs += 1
+        size = inputs["size"]
+        chunk = inputs.get("chunk", 64 * KIB)
+        assert isinstance(size, int)
+        assert isinstance(chunk, int)
+        ctx.phase("produce")
+        sent = 0
+        while sent < size:
+            n = min(chunk, size - sent)
+            yield tg.BinaryDelta("data", bytes([sent // chunk % 251]) * n)
+            sent += n
+        yield tg.TextDelta("log", "made ")
+        yield tg.TextDelta("log", f"{size}")
+
+
+def expected(size: int, chunk: int = 64 * KIB) -> bytes:
+    out = bytearray()
+    sent = 0
+    while sent < size:
+        n = min(chunk, size - sent)
+        out += bytes([sent // chunk % 251]) * n
+        sent += n
+    return bytes(out)
+
+
+class Image(tg.Task):
+    """A blob-format binary port, streamed; Finish may override it."""
+
+    type = "test_runner.Image"
+    input_schema: Mapping[str, object] = {
+        "properties": {"parts": {"type": "array"}, "explicit": {}}
+    }
+    output_schema: Mapping[str, object] = {
+        "properties": {"image": {"x-stream": "binary", "contentMediaType": "image/png"}}
+    }
+    cacheable = True
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        parts = inputs.get("parts", [])
+        assert isinstance(parts, list)
+        for part in parts:
+            yield tg.BinaryDelta("image", part)
+        if "explicit" in inputs:
+            yield tg.Finish({"image": inputs["explicit"]})
+
+
+class PassThrough(tg.Task):
+    """binary -> binary pass-through: reads chunks as they are produced."""
+
+    type = "test_runner.PassThrough"
+    input_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary"}},
+        "required": ["data"],
+    }
+    output_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
+    }
+    cacheable = True
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        stream = inputs["data"]
+        assert isinstance(stream, tg.BinaryInputStream)
+        async for chunk in stream:
+            yield tg.BinaryDelta("data", chunk)
+
+
+class Measure(tg.Task):
+    """A materialising consumer: gets the whole value."""
+
+    type = "test_runner.Measure"
+    input_schema: Mapping[str, object] = {"properties": {"data": {}}, "required": ["data"]}
+    output_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}, "head": {}}}
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        data = inputs["data"]
+        raw = data.data if isinstance(data, tg.Blob) else data
+        assert isinstance(raw, bytes), type(raw)
+        return {"size": len(raw), "head": raw[:4]}
+
+
+class Count(tg.Task):
+    """A streaming consumer that counts bytes."""
+
+    type = "test_runner.Count"
+    input_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary"}},
+        "required": ["data"],
+    }
+    output_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}, "md": {}}}
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        stream = inputs["data"]
+        assert isinstance(stream, tg.BinaryInputStream)
+        size = 0
+        joined = bytearray()
+        async for chunk in stream:
+            size += len(chunk)
+            joined += chunk
+        return {"size": size, "md": bytes(joined)}
+
+
+class Boom(tg.Task):
+    type = "test_runner.Boom"
+    input_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
+    output_schema: Mapping[str, object] = {"properties": {"x": {}}}
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        raise ValueError("boom")
+
+
+class Returns(tg.Task):
+    """An ``execute`` task returning a binary value."""
+
+    type = "test_runner.Returns"
+    input_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}}}
+    output_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary", "format": "binary"}, "note": {}}
+    }
+    cacheable = True
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        size = inputs["size"]
+        assert isinstance(size, int)
+        return {"data": b"r" * size, "note": {"$ref": "not a ref"}}
+
+
+# --- accumulation and plain runs ----------------------------------------------------------
+
+
+async def test_run_task_accumulates_without_cache() -> None:
+    """S6-3, S6-5, S6-40: text concatenates, binary materialises per format."""
+    out = await tg.run_task(Produce(), {"size": 200_000, "chunk": 70_000})
+    assert out["data"] == expected(200_000, 70_000)
+    assert out["log"] == "made 200000"
+
+
+async def test_explicit_finish_wins_over_chunks() -> None:
+    """S6-6 (seed: explicit-finish-payload precedence): the Finish value wins, as a Blob."""
+    out = await tg.run_task(Image(), {"parts": [b"aa", b"bb"], "explicit": b"final"})
+    assert out["image"] == tg.Blob(b"final", "image/png")
+    out = await tg.run_task(Image(), {"parts": [b"aa", b"bb"]})
+    assert out["image"] == tg.Blob(b"aabb", "image/png")
+
+
+async def test_explicit_finish_wins_with_a_sink_and_deletes_the_streamed_blob() -> None:
+    """S6-6, S6-26: the blob streamed for an overridden port is deleted."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo, reference_threshold_bytes=0)
+    out = await tg.run_task(Image(), {"parts": [b"aa"], "explicit": b"final!"}, config=config)
+    ref = out["image"]
+    assert isinstance(ref, tg.CacheRef)
+    assert await repo.get_output_by_ref(ref) == b"final!"
+    assert (await repo.stats()).blobs == 1  # the streamed b"aa" blob is gone
+
+
+# --- refs, thresholds, rows ------------------------------------------------------------------
+
+
+async def test_force_ref_with_threshold_zero() -> None:
+    """S6-19, S6-42 (seed: force-ref): threshold 0 keeps every binary output a ref."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo, reference_threshold_bytes=0)
+    out = await tg.run_task(Produce(), {"size": 10}, config=config)
+    ref = out["data"]
+    assert isinstance(ref, tg.CacheRef)
+    assert ref.size == 10
+    assert await repo.get_output_by_ref(ref) == expected(10)
+    assert out["log"] == "made 10"
+
+
+@pytest.mark.parametrize(("fmt_task", "kind"), [(Produce, bytes), (Image, tg.Blob)])
+async def test_threshold_hydration_blob_and_binary(fmt_task: type[tg.Task], kind: type) -> None:
+    """S6-19, S6-43 (seed: symmetric rehydration): below the threshold a ref hydrates back
+    inline per the port's format (blob -> Blob, binary -> bytes); at or above it stays a ref."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo, reference_threshold_bytes=1000)
+    small_inputs: dict[str, object] = (
+        {"size": 999} if fmt_task is Produce else {"parts": [b"x" * 999]}
+    )
+    big_inputs: dict[str, object] = (
+        {"size": 1000} if fmt_task is Produce else {"parts": [b"x" * 1000]}
+    )
+    small = await tg.run_task(fmt_task(), small_inputs, config=config)
+    port = "data" if fmt_task is Produce else "image"
+    assert isinstance(small[port], kind)
+    big = await tg.run_task(fmt_task(), big_inputs, config=config)
+    assert isinstance(big[port], tg.CacheRef)
+    # The row saved holds the ref in both cases (S6-21).
+    row = await repo.get_output(fmt_task.type, small_inputs)
+    assert row is not None
+    assert isinstance(row[port], tg.CacheRef)
+
+
+async def test_saved_row_stays_small_and_survives_the_wire() -> None:
+    """S6-21, S6-43 (seed: saved-row size; cross-process round trip): a 10 MiB output
+    leaves a row under 1 KiB, and the row survives wire.packb/unpackb with its ref branded."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo)
+    out = await tg.run_task(Produce(), {"size": 10 * MIB, "chunk": MIB}, config=config)
+    row = await repo.get_output(Produce.type, {"size": 10 * MIB, "chunk": MIB})
+    assert row is not None
+    packed = wire.packb(row)
+    assert len(packed) < 1024
+    again = wire.unpackb(packed)
+    assert again == row
+    assert isinstance(again, dict)
+    assert tg.is_cache_ref(again["data"])
+    assert out["data"] == row["data"]
+
+
+async def test_dollar_ref_dict_at_another_port_is_data() -> None:
+    """S6-20: a dict with a "$ref" key at a non-binary port is data; big inline values are
+    stored as refs when a sink would exist (S6-19)."""
+    repo = tg.MemoryOutputRepository()
+    out = await tg.run_task(
+        Returns(), {"size": 100}, config=tg.RunConfig(cache=repo, reference_threshold_bytes=50)
+    )
+    assert out["note"] == {"$ref": "not a ref"}
+    assert isinstance(out["data"], tg.CacheRef)
+    assert await repo.get_output_by_ref(out["data"]) == b"r" * 100
+
+
+# --- graphs: streaming edges, tee, fan-out ----------------------------------------------------
+
+
+async def test_tee_gives_edges_bytes_and_the_row_a_ref() -> None:
+    """S6-42, S6-18 (seed: tee for the graph + materialising consumer)."""
+    repo = tg.MemoryOutputRepository()
+    graph = tg.TaskGraph()
+    p = graph.add(Produce(), inputs={"size": 300_000})
+    m = graph.add(Measure())
+    graph.connect(p, "data", m, "data")
+    outs = await tg.run_graph(graph, config=tg.RunConfig(cache=repo))
+    assert outs[m] == {"size": 300_000, "head": expected(4)}
+    assert isinstance(outs[p]["data"], tg.CacheRef)
+    row = await repo.get_output(Produce.type, {"size": 300_000})
+    assert row is not None
+    assert isinstance(row["data"], tg.CacheRef)
+
+
+async def test_fan_out_streams_the_same_bytes_to_every_consumer() -> None:
+    """S6-41, S6-16: every consumer gets the whole ordered stream, under a small budget."""
+    graph = tg.TaskGraph()
+    p = graph.add(Produce(), inputs={"size": 100_000, "chunk": 3000})
+    consumers = [graph.add(Count()) for _ in range(3)]
+    for c in consumers:
+        graph.connect(p, "data", c, "data")
+    outs = await tg.run_graph(graph, config=tg.RunConfig(binary_high_water_bytes=8000))
+    for c in consumers:
+        assert outs[c] == {"size": 100_000, "md": expected(100_000, 3000)}
+
+
+async def test_chain_streams_under_budget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """S6-41, S6-42: produce -> pass-through -> cache sink with a 256 KiB budget: no channel
+    holds more than the budget plus one chunk (the 1 GiB / 4 MiB case is bench_pipeline)."""
+    import trio_taskgraph._stream_processor as sp
+
+    channels: list[tg.ByteSendChannel[object]] = []
+    real = sp.open_byte_channel
+
+    def recording(high_water_bytes: int) -> object:
+        send, receive = real(high_water_bytes)
+        channels.append(send)
+        return send, receive
+
+    monkeypatch.setattr(sp, "open_byte_channel", recording)
+    repo = tg.FsOutputRepository(tmp_path / "cache")
+    try:
+        graph = tg.TaskGraph()
+        p = graph.add(Produce(), inputs={"size": 16 * MIB, "chunk": 64 * KIB})
+        t = graph.add(PassThrough())
+        graph.connect(p, "data", t, "data")
+        budget = 256 * KIB
+        config = tg.RunConfig(cache=repo, binary_high_water_bytes=budget)
+        outs = await tg.run_graph(graph, config=config)
+        ref = outs[t]["data"]
+        assert isinstance(ref, tg.CacheRef)
+        assert ref.size == 16 * MIB
+        assert await repo.get_output_by_ref(ref) == expected(16 * MIB)
+        assert len(channels) >= 2
+        for ch in channels:
+            stats = ch.statistics()
+            assert stats.peak_buffered_bytes <= budget + 64 * KIB
+            assert stats.parked_senders == 0
+            assert stats.parked_receivers == 0
+    finally:
+        await repo.aclose()
+
+
+async def test_execute_result_streams_to_a_streaming_consumer() -> None:
+    """S6-41: an explicit binary value (an execute result) reaches stream edges as chunks."""
+    graph = tg.TaskGraph()
+    r = graph.add(Returns(), inputs={"size": 200_000})
+    c = graph.add(Count())
+    graph.connect(r, "data", c, "data")
+    outs = await tg.run_graph(graph, config=tg.RunConfig(binary_high_water_bytes=4096))
+    assert outs[c]["size"] == 200_000
+
+
+# --- cache hits ------------------------------------------------------------------------------
+
+
+async def test_cache_hit_skips_execution_and_replays_under_budget() -> None:
+    """S6-45, S6-24 (seed M-6): a hit skips the task; refs replay as chunks no bigger than the
+    consumer's budget; the hit returns what the fresh run returned (S6-21)."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo, binary_high_water_bytes=10_000)
+
+    def build() -> tg.TaskGraph:
+        graph = tg.TaskGraph()
+        p = graph.add(Produce(), inputs={"size": 500_000})
+        c = graph.add(Count())
+        graph.connect(p, "data", c, "data")
+        return graph
+
+    graph = build()
+    Produce.runs = 0
+    first = await tg.run_graph(graph, config=config)
+    assert Produce.runs == 1
+    events: list[tg.RunEvent] = []
+    graph = build()
+    second = await tg.run_graph(graph, config=config, on_event=events.append)
+    assert Produce.runs == 1
+    assert second == first
+    replayed = [e.event for e in events if isinstance(e.event, tg.BinaryDelta)]
+    assert replayed
+    assert max(d.size for d in replayed) <= 10_000
+    assert any(isinstance(e.event, tg.TaskStatus) and e.event.state == "cached" for e in events)
+
+
+async def test_dangling_ref_turns_the_hit_into_a_miss() -> None:
+    """S6-23, S6-45 (seed: dangling-ref best effort): the task runs again, the row is rewritten."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo, reference_threshold_bytes=0)
+    Produce.runs = 0
+    first = await tg.run_task(Produce(), {"size": 1000}, config=config)
+    ref = first["data"]
+    assert isinstance(ref, tg.CacheRef)
+    await repo.delete_output_by_ref(ref)
+    second = await tg.run_task(Produce(), {"size": 1000}, config=config)
+    assert Produce.runs == 2
+    assert second["data"] != ref
+    row = await repo.get_output(Produce.type, {"size": 1000})
+    assert row is not None
+    assert row["data"] == second["data"]
+    # And now it hits.
+    third = await tg.run_task(Produce(), {"size": 1000}, config=config)
+    assert Produce.runs == 2
+    assert third == second
+
+
+async def test_hit_hydrates_for_materialising_consumers() -> None:
+    """S6-24: materialising consumers get the value, never the ref, whatever the threshold."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo, reference_threshold_bytes=0)
+    await tg.run_task(Produce(), {"size": 5000}, config=config)
+    graph = tg.TaskGraph()
+    p = graph.add(Produce(), inputs={"size": 5000})
+    m = graph.add(Measure())
+    graph.connect(p, "data", m, "data")
+    Produce.runs = 0
+    outs = await tg.run_graph(graph, config=config)
+    assert Produce.runs == 0
+    assert outs[m]["size"] == 5000
+
+
+# --- refs at inputs --------------------------------------------------------------------------
+
+
+async def test_input_refs_are_inlined_before_validation_and_keying() -> None:
+    """S6-25, S6-46: a ref at an input is read and inlined per the port's format."""
+    repo = tg.MemoryOutputRepository()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"hello"
+
+    ref = await repo.save_output_stream("x", {}, "p", chunks())
+    out = await tg.run_task(Measure(), {"data": ref}, config=tg.RunConfig(cache=repo))
+    assert out == {"size": 5, "head": b"hell"}
+
+
+async def test_unresolvable_input_ref_names_the_port() -> None:
+    """S6-25: a ref no repository resolves fails the task naming the port."""
+    repo = tg.MemoryOutputRepository()
+    other = tg.MemoryOutputRepository()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"hello"
+
+    ref = await other.save_output_stream("x", {}, "p", chunks())
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(Measure(), {"data": ref}, config=tg.RunConfig(cache=repo))
+    assert isinstance(info.value.__cause__, tg.DanglingRefError)
+    assert "'data'" in str(info.value.__cause__)
+
+
+async def test_run_private_first_then_backing() -> None:
+    """S6-25: refs resolve through the run-private area, then the shared backing."""
+    backing = tg.MemoryOutputRepository()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"shared"
+
+    ref = await backing.save_output_stream("x", {}, "p", chunks())
+    private = tg.RunPrivateRepository(backing, "run-1")
+    out = await tg.run_task(Measure(), {"data": ref}, config=tg.RunConfig(cache=private))
+    assert out["size"] == 6
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+async def test_task_error_names_type_and_node_and_chains_the_cause() -> None:
+    """S6-48: TaskFailedError names the task type and node id; the producer is released."""
+    graph = tg.TaskGraph()
+    p = graph.add(Produce(), inputs={"size": 10 * MIB})
+    b = graph.add(Boom())
+    graph.connect(p, "data", b, "data")
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_graph(graph, config=tg.RunConfig(binary_high_water_bytes=1024))
+    assert info.value.task_type == Boom.type
+    assert info.value.node_id == b
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+async def test_stream_protocol_error_fails_the_task() -> None:
+    """S6-48, S6-2: a protocol error is the cause of a TaskFailedError."""
+
+    class Bad(tg.Task):
+        type = "test_runner.Bad"
+        output_schema: Mapping[str, object] = {"properties": {"t": {"x-stream": "append"}}}
+
+        async def execute_stream(
+            self, inputs: Mapping[str, object], ctx: tg.TaskContext
+        ) -> AsyncIterator[tg.StreamEvent]:
+            yield tg.BinaryDelta("t", b"x")
+
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(Bad(), {})
+    assert isinstance(info.value.__cause__, tg.StreamProtocolError)
+
+
+class FailingSaveRepo:
+    """A memory repository whose save_output fails (after blobs were streamed)."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def save_output(self, task_type: str, inputs: object, output: object) -> None:
+        await trio.lowlevel.checkpoint()
+        raise tg.RepositoryError("disk full")
+
+
+async def test_failed_row_save_deletes_streamed_blobs() -> None:
+    """S6-47, S6-26 (seed: orphan cleanup when the row commit fails)."""
+    repo = FailingSaveRepo()
+    config = tg.RunConfig(cache=repo, reference_threshold_bytes=0)
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(Produce(), {"size": 100_000}, config=config)
+    assert isinstance(info.value.__cause__, tg.RepositoryError)
+    assert (await repo.inner.stats()).blobs == 0
+
+
+async def test_listener_sees_status_events_and_progress_in_order() -> None:
+    """S6-50: statuses, stream events and phases reach the listener in order."""
+    events: list[tg.RunEvent] = []
+    await tg.run_task(Produce(), {"size": 3, "chunk": 1}, on_event=events.append)
+    kinds = [type(e.event).__name__ for e in events]
+    assert kinds[0] == "TaskStatus"
+    assert kinds[-1] == "TaskStatus"
+    assert "Phase" in kinds
+    assert kinds.count("BinaryDelta") == 3
+    assert all(e.node_id == "n1" and e.task_type == Produce.type for e in events)
+    states = [e.event.state for e in events if isinstance(e.event, tg.TaskStatus)]
+    assert states == ["started", "completed"]
