@@ -81,6 +81,12 @@ EXPECTED_PUBLIC = {
     "TaskStatus",
     "TaskState",
     "BinaryInputStream",
+    # cache server and its client (issue 6)
+    "CacheServerRepository",
+    "CacheServerStatistics",
+    "ClientStatistics",
+    "connect_cache_server",
+    "open_cache_server",
     # demo, CLI and docs (issue 9)
     "RowInfo",
 }

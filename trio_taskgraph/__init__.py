@@ -72,6 +72,15 @@ from ._repository import (
     RepositoryStats as RepositoryStats,
     RunPrivateRepository as RunPrivateRepository,
 )
+
+# cache server and its client (issue 6)
+from ._repository._client import (
+    CacheServerRepository as CacheServerRepository,
+    CacheServerStatistics as CacheServerStatistics,
+    ClientStatistics as ClientStatistics,
+    connect_cache_server as connect_cache_server,
+    open_cache_server as open_cache_server,
+)
 from ._repository._protocol import (  # demo, CLI and docs (issue 9)
     RowInfo as RowInfo,
 )
@@ -178,6 +187,12 @@ __all__ = [
     "TaskStatus",
     "TaskState",
     "BinaryInputStream",
+    # cache server and its client (issue 6)
+    "CacheServerRepository",
+    "CacheServerStatistics",
+    "ClientStatistics",
+    "connect_cache_server",
+    "open_cache_server",
     # demo, CLI and docs (issue 9)
     "RowInfo",
 ]

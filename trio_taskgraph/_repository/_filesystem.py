@@ -101,6 +101,13 @@ CREATE INDEX IF NOT EXISTS blobs_by_ns ON blobs (ns, created);
 # --- blocking helpers (run in worker threads) ---------------------------------------------
 
 
+def check_digest(digest: object) -> str:
+    """Return ``digest`` if it is an `input_digest` (64 lowercase hex digits), else raise."""
+    if not isinstance(digest, str) or len(digest) != 64 or digest.strip("0123456789abcdef"):
+        raise ValueError("an input digest is 64 lowercase hex digits (input_digest)")
+    return digest
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -512,9 +519,20 @@ class FsOutputRepository:
 
         Cancellation: the row is committed entirely or not at all (the thread finishes).
         """
+        await self.save_output_by_digest(task_type, input_digest(inputs), output)
+
+    async def save_output_by_digest(
+        self, task_type: str, digest: str, output: Mapping[str, object]
+    ) -> None:
+        """
+        `save_output` for a caller that already holds ``input_digest(inputs)`` (the cache
+        server: its clients hash the inputs, so inputs never cross the wire).
+
+        Cancellation: the row is committed entirely or not at all (the thread finishes).
+        """
         signer = await self._enter()
         check_task_type(task_type)
-        digest = input_digest(inputs)
+        check_digest(digest)
         data = encode_row(output)
         names = sorted(row_blob_names(output, signer, self._namespace))
         ns = self._namespace
@@ -546,9 +564,17 @@ class FsOutputRepository:
 
         Cancellation: nothing to leave behind.
         """
+        return await self.get_output_by_digest(task_type, input_digest(inputs))
+
+    async def get_output_by_digest(self, task_type: str, digest: str) -> dict[str, object] | None:
+        """
+        `get_output` for a caller that already holds ``input_digest(inputs)``.
+
+        Cancellation: nothing to leave behind.
+        """
         await self._enter()
         check_task_type(task_type)
-        key = (self._namespace, task_type, input_digest(inputs))
+        key = (self._namespace, task_type, check_digest(digest))
 
         def get(conn: sqlite3.Connection) -> bytes | None:
             row = conn.execute(

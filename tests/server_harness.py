@@ -1,0 +1,181 @@
+"""
+Helpers shared by the cache-server tests: a subprocess server for a whole module, an
+in-process server for tests that inject faults or read the server's counters, and a raw
+protocol client (h11's ConnectionPair idea: the real codec on both ends, no mocks).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from pathlib import Path
+
+import attrs
+import trio
+
+from trio_taskgraph._cache_server import CacheServer, serve_cache_server
+from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder
+from trio_taskgraph._core._messages import (
+    PROTOCOL_VERSION,
+    ClientMessage,
+    Hello,
+    ServerMessage,
+    Welcome,
+    decode_server,
+    encode_message,
+)
+
+
+def short_tempdir() -> str:
+    """A fresh 0700 folder under /tmp (Unix socket paths must stay under ~107 bytes)."""
+    return tempfile.mkdtemp(prefix="tg-", dir="/tmp")
+
+
+@attrs.define
+class ServerProcess:
+    """A cache server started with subprocess for a whole test module."""
+
+    process: subprocess.Popen[bytes]
+    folder: str
+    root: str
+    socket_path: str
+
+
+def start_server_process(folder: str, *extra: str) -> ServerProcess:
+    """Start ``python -m trio_taskgraph.cache_server`` in ``folder`` and wait for READY."""
+    root = os.path.join(folder, "root")
+    sock = os.path.join(folder, "s")
+    with open(os.path.join(folder, "stderr.log"), "wb") as errlog:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trio_taskgraph.cache_server",
+                "--root",
+                root,
+                "--socket",
+                sock,
+                *extra,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=errlog,
+        )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith(b"READY"):
+        process.kill()
+        process.wait()
+        raise AssertionError(
+            "server did not start: " + Path(folder, "stderr.log").read_text(errors="replace")
+        )
+    return ServerProcess(process=process, folder=folder, root=root, socket_path=sock)
+
+
+def stop_server_process(server: ServerProcess) -> int:
+    """SIGTERM, wait (SIGKILL after 10 s); return the exit status."""
+    process = server.process
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.stdout is not None
+    process.stdout.close()
+    return process.returncode
+
+
+@contextmanager
+def server_process(*extra: str) -> Iterator[ServerProcess]:
+    """A subprocess server in a private folder; stopped, checked and removed afterwards."""
+    folder = short_tempdir()
+    try:
+        server = start_server_process(folder, *extra)
+        try:
+            yield server
+        finally:
+            status = stop_server_process(server)
+            assert status == 0, f"server exited with {status}"
+            assert not os.path.exists(server.socket_path), "socket file left behind"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@asynccontextmanager
+async def in_process_server(
+    root: str | os.PathLike[str], **options: object
+) -> AsyncIterator[tuple[CacheServer, str]]:
+    """Serve ``root`` in this trio run; yields the server and its socket path."""
+    folder = short_tempdir()
+    sock = os.path.join(folder, "s")
+    try:
+        async with trio.open_nursery() as nursery:
+            server: CacheServer = await nursery.start(
+                partial(serve_cache_server, root, sock, **options)  # type: ignore[arg-type]
+            )
+            try:
+                yield server, sock
+            finally:
+                nursery.cancel_scope.cancel()
+        assert not await trio.Path(sock).exists(), "socket file left behind"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class RawClient:
+    """The protocol by hand: send any bytes, read whatever frames come back."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder()
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, socket_path: str, *, namespace: str | None = "default"
+    ) -> AsyncIterator[RawClient]:
+        stream = await trio.open_unix_socket(socket_path)
+        client = cls(stream)
+        try:
+            if namespace is not None:
+                await client.send(Hello(version=PROTOCOL_VERSION, namespace=namespace))
+                welcome = await client.receive()
+                assert isinstance(welcome, Welcome), welcome
+            yield client
+        finally:
+            await stream.aclose()
+
+    async def send(self, message: ClientMessage) -> None:
+        await self.stream.send_all(encode_message(message))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive(self) -> ServerMessage | None:
+        """The next message, or None once the server closed the connection."""
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is CLOSED:
+                return None
+            if frame is NEED_DATA:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""
+                self.decoder.receive_data(data)
+                continue
+            return decode_server(frame)
+
+    async def receive_until_closed(self) -> list[ServerMessage]:
+        out = []
+        while (message := await self.receive()) is not None:
+            out.append(message)
+        return out
