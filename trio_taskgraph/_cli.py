@@ -32,9 +32,18 @@ def _size(text: str) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ._demo import self_check
+    from ._demo import DemoOptions, run_demo, self_check
 
-    return self_check()
+    if args.self_check:
+        return self_check()
+    options = DemoOptions(
+        size=args.size,
+        budget=args.budget,
+        input=args.input,
+        keep=args.keep,
+        in_process=args.in_process,
+    )
+    return run_demo(options)
 
 
 def _run_cache(args: argparse.Namespace) -> int:
