@@ -77,6 +77,11 @@ def test_runs_every_script_and_reports_failures(
     )
     _script(tmp_path, "silent", "print('a table, but no result line')\n")
     _script(tmp_path, "crash", "raise SystemExit(3)\n")
+    _script(
+        tmp_path,
+        "missed",
+        "print('RESULT name=missed ratio=0.5 target=>=0.9 peer=p')\nraise SystemExit(1)\n",
+    )
     (tmp_path / "helper.py").write_text("raise SystemExit('not a benchmark')\n")
     assert main(["bench", "--quick", "--dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
@@ -87,6 +92,8 @@ def test_runs_every_script_and_reports_failures(
     assert re.search(r"1\.50\s+<=1\.2\s+NO\s+other$", rows["good/b"])
     assert rows["silent"].endswith("printed no RESULT line")
     assert rows["crash"].endswith("exited with 3")
+    assert re.search(r"0\.50\s+>=0\.9\s+NO\s+p$", rows["missed"])
+    assert "exited" not in rows["missed"]  # a missed target is not a failed script
     assert "helper" not in out
 
 
