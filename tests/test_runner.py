@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import trio_taskgraph as tg
 from trio_taskgraph import wire
@@ -519,3 +520,305 @@ async def test_listener_sees_status_events_and_progress_in_order() -> None:
     assert all(e.node_id == "n1" and e.task_type == Produce.type for e in events)
     states = [e.event.state for e in events if isinstance(e.event, tg.TaskStatus)]
     assert states == ["started", "completed"]
+
+
+class Unkeyed(tg.Task):
+    """A non-cacheable producer (its bytes can't be named by a key)."""
+
+    type = "test_runner.Unkeyed"
+    input_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}}}
+    output_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
+    }
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        size = inputs["size"]
+        assert isinstance(size, int)
+        for start in range(0, size, 64 * KIB):
+            yield tg.BinaryDelta("data", b"u" * min(64 * KIB, size - start))
+
+
+class Transform(tg.Task):
+    """A non-cacheable streaming transform (upper-cases ASCII bytes as they pass)."""
+
+    type = "test_runner.Transform"
+    input_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
+    output_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
+    }
+
+    async def execute_stream(
+        self, inputs: Mapping[str, object], ctx: tg.TaskContext
+    ) -> AsyncIterator[tg.StreamEvent]:
+        stream = inputs["data"]
+        assert isinstance(stream, tg.BinaryInputStream)
+        async for chunk in stream:
+            yield tg.BinaryDelta("data", bytes(chunk).upper())
+
+
+async def test_three_tasks_produce_transform_cache_sink_with_a_4_mib_budget(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """S6-41, S6-42, S6-51: produce -> transform -> cache sink (FsOutputRepository) with a
+    4 MiB budget. 64 MiB here to keep the suite fast; bench/bench_pipeline.py moves 1 GiB.
+    No channel holds more than the budget plus one chunk, the non-cacheable producer keeps
+    nothing (its port only feeds a stream), and the transform's row is saved under a
+    run-unique key (its input stream can't be named), so it never hits but keeps its blob."""
+    import trio_taskgraph._stream_processor as sp
+
+    channels: list[tg.ByteSendChannel[object]] = []
+    real = sp.open_byte_channel
+
+    def recording(high_water_bytes: int) -> object:
+        send, receive = real(high_water_bytes)
+        channels.append(send)
+        return send, receive
+
+    monkeypatch.setattr(sp, "open_byte_channel", recording)
+    size = 64 * MIB
+    budget = 4 * MIB
+    repo = tg.FsOutputRepository(tmp_path / "cache")
+    try:
+        for _run in range(2):
+            graph = tg.TaskGraph()
+            p = graph.add(Unkeyed(), inputs={"size": size})
+            x = graph.add(Transform())
+            t = graph.add(PassThrough())
+            graph.connect(p, "data", x, "data")
+            graph.connect(x, "data", t, "data")
+            outs = await tg.run_graph(
+                graph, config=tg.RunConfig(cache=repo, binary_high_water_bytes=budget)
+            )
+            assert outs[p] == {}  # S6-51: nothing kept for a stream-only port
+            assert outs[x] == {}
+            ref = outs[t]["data"]
+            assert isinstance(ref, tg.CacheRef)
+            assert ref.size == size
+        async with repo.open_output_stream_by_ref(ref) as chunks:
+            async for chunk in chunks:
+                assert chunk == b"U" * len(chunk)
+        for ch in channels:
+            stats = ch.statistics()
+            assert stats.peak_buffered_bytes <= budget + 64 * KIB
+            assert stats.parked_senders == 0
+        stats_after = await repo.stats()
+        assert stats_after.rows == 2  # two runs, two run-unique rows, no hit
+        assert stats_after.blobs == 2
+        assert (await repo.gc(min_age=0)).blobs == 0  # every blob has its row
+    finally:
+        await repo.aclose()
+
+
+async def test_keyed_stream_source_makes_the_consumer_hit() -> None:
+    """S6-45: a consumer of a keyed (cacheable) stream source is keyed by the source's
+    provenance, so a second run hits both and neither task runs."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo, reference_threshold_bytes=0)
+
+    def build() -> tuple[tg.TaskGraph, str]:
+        graph = tg.TaskGraph()
+        p = graph.add(Produce(), inputs={"size": 70_000})
+        t = graph.add(PassThrough())
+        graph.connect(p, "data", t, "data")
+        return graph, t
+
+    graph, t = build()
+    first = await tg.run_graph(graph, config=config)
+    Produce.runs = 0
+    events: list[tg.RunEvent] = []
+    graph, t = build()
+    second = await tg.run_graph(graph, config=config, on_event=events.append)
+    assert Produce.runs == 0
+    assert second == first
+    cached = {e.node_id for e in events if e.event == tg.TaskStatus(state="cached")}
+    assert cached == {"n1", "n2"}
+    ref = second[t]["data"]
+    assert isinstance(ref, tg.CacheRef)
+    assert await repo.get_output_by_ref(ref) == expected(70_000)
+
+
+async def test_checkpoints_and_bad_arguments() -> None:
+    """S6-40: run_graph is a checkpoint; wrong argument types are refused."""
+    with trio.testing.assert_checkpoints():
+        await tg.run_task(Measure(), {"data": b"abc"})
+    with pytest.raises(TypeError):
+        await tg.run_graph("not a graph")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await tg.run_graph(tg.TaskGraph(), config="x")  # type: ignore[arg-type]
+    graph = tg.TaskGraph()
+    graph.add(Measure())
+    with pytest.raises(tg.PortSchemaError, match="required input 'data'"):
+        await tg.run_graph(graph)
+
+
+class Pair(tg.Task):
+    """Takes a stream and a materialised value."""
+
+    type = "test_runner.Pair"
+    input_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary"}, "size": {"type": "integer"}}
+    }
+    output_schema: Mapping[str, object] = {"properties": {"ok": {}}}
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        return {"ok": True}  # pragma: no cover - never started
+
+
+async def test_a_graph_that_would_stall_is_refused_before_anything_runs() -> None:
+    """S6-53: P streams into C, but C also waits for M to finish, and M waits for P: P
+    would park forever on C's budget. Refused with a PortSchemaError naming the edge."""
+    graph = tg.TaskGraph()
+    p = graph.add(Produce(), inputs={"size": 10 * MIB})
+    m = graph.add(Count())
+    c = graph.add(Pair())
+    graph.connect(p, "data", m, "data")
+    graph.connect(m, "size", c, "size")
+    graph.connect(p, "data", c, "data")
+    Produce.runs = 0
+    with pytest.raises(tg.PortSchemaError, match=rf"{p}\.data -> {c}\.data"):
+        await tg.run_graph(graph)
+    assert Produce.runs == 0
+
+
+class FailingRowSave:
+    """Wraps a repository; its save_output fails after the blobs were streamed."""
+
+    def __init__(self, inner: tg.OutputRepository) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def save_output(self, task_type: str, inputs: object, output: object) -> None:
+        await trio.lowlevel.checkpoint()
+        raise tg.RepositoryError("row commit failed")
+
+
+async def test_orphan_cleanup_through_a_run_private_repository(tmp_path: Path) -> None:
+    """S6-47 (seed late HIGH 1): with a run-private cache over a filesystem backing, a
+    failed row commit deletes the streamed blob on disk (delete_output_by_ref is forwarded)."""
+    backing = tg.FsOutputRepository(tmp_path / "cache")
+    try:
+        private = tg.RunPrivateRepository(backing, "run-7")
+        config = tg.RunConfig(cache=FailingRowSave(private), reference_threshold_bytes=0)
+        with pytest.raises(tg.TaskFailedError, match="row commit failed"):
+            await tg.run_task(Produce(), {"size": 300_000}, config=config)
+        assert (await private.stats()).blobs == 0
+        assert not list((tmp_path / "cache" / "blobs").glob("*.blob"))
+        assert not list((tmp_path / "cache" / "blobs").glob("*.tmp"))
+    finally:
+        await backing.aclose()
+
+
+class NoStreaming:
+    """A repository without streaming saves (rows only, like a JSON-row backing)."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def supports_streaming(self) -> bool:
+        return False
+
+
+async def test_non_streaming_cache_round_trips_inline_binary() -> None:
+    """S6-22, S6-45 (seed H-1): on a backing that can't stream, the row holds the inline
+    Blob, never "{}", and a hit returns the same bytes and MIME type."""
+    repo = NoStreaming()
+    config = tg.RunConfig(cache=repo)
+    first = await tg.run_task(Image(), {"parts": [b"\x89PNG", b"data"]}, config=config)
+    assert first["image"] == tg.Blob(b"\x89PNGdata", "image/png")
+    row = await repo.inner.get_output(Image.type, {"parts": [b"\x89PNG", b"data"]})
+    assert row == {"image": tg.Blob(b"\x89PNGdata", "image/png")}
+    events: list[tg.RunEvent] = []
+    second = await tg.run_task(
+        Image(), {"parts": [b"\x89PNG", b"data"]}, config=config, on_event=events.append
+    )
+    assert second == first
+    assert tg.TaskStatus(state="cached") in [e.event for e in events]
+
+
+class SizelessRefs:
+    """A repository whose refs carry no size (a third-party sink that never sets it)."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def save_output_stream(
+        self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
+    ) -> tg.CacheRef:
+        ref = await self.inner.save_output_stream(task_type, inputs, port, chunks, mime=mime)  # type: ignore[arg-type]
+        return tg.make_cache_ref(ref.ref, mime=ref.mime)
+
+
+async def test_ref_of_unknown_size_is_never_hydrated_blindly() -> None:
+    """S6-19 (seed L-1): a ref without a size stays a ref, however small the blob."""
+    out = await tg.run_task(Produce(), {"size": 10}, config=tg.RunConfig(cache=SizelessRefs()))
+    assert isinstance(out["data"], tg.CacheRef)
+    assert out["data"].size is None
+
+
+async def test_a_listener_that_raises_fails_the_node() -> None:
+    """S6-50: an exception from on_event fails the node it was receiving events for."""
+
+    def listener(event: tg.RunEvent) -> None:
+        if isinstance(event.event, tg.BinaryDelta):
+            raise RuntimeError("listener broke")
+
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(Produce(), {"size": 10}, on_event=listener)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+class RefusingSink:
+    """A repository whose streaming save fails before reading a byte (EACCES)."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def save_output_stream(
+        self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
+    ) -> tg.CacheRef:
+        await trio.lowlevel.checkpoint()
+        raise tg.RepositoryError("EACCES: cannot open the temp file")
+
+
+async def test_sink_failing_before_reading_fails_the_task_promptly() -> None:
+    """S6-44 (seed late HIGH 2), through the runner: 10 MiB against a 1 MiB budget into a
+    sink that never reads; the task fails with the sink's error instead of parking."""
+    config = tg.RunConfig(cache=RefusingSink(), binary_high_water_bytes=MIB)
+    with trio.fail_after(10), pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(Produce(), {"size": 10 * MIB}, config=config)
+    assert info.value.node_id == "n1"
+    assert isinstance(info.value.__cause__, tg.RepositoryError)
+    assert "EACCES" in str(info.value.__cause__)
+
+
+async def test_a_value_at_a_streamed_input_arrives_as_a_stream() -> None:
+    """S6-54: run_task with bytes (or a Blob, or a ref) at a streamed binary input: the task
+    still receives a BinaryInputStream, and the value (not the stream) is keyed."""
+    repo = tg.MemoryOutputRepository()
+    config = tg.RunConfig(cache=repo, reference_threshold_bytes=0, binary_high_water_bytes=1000)
+    data = bytes(range(256)) * 20
+    out = await tg.run_task(PassThrough(), {"data": data}, config=config)
+    ref = out["data"]
+    assert isinstance(ref, tg.CacheRef)
+    assert await repo.get_output_by_ref(ref) == data
+    events: list[tg.RunEvent] = []
+    again = await tg.run_task(PassThrough(), {"data": data}, config=config, on_event=events.append)
+    assert again == out
+    assert tg.TaskStatus(state="cached") in [e.event for e in events]
+    blob = await tg.run_task(PassThrough(), {"data": tg.Blob(data)}, config=config)
+    assert await repo.get_output_by_ref(blob["data"]) == data
+    counted = await tg.run_task(Count(), {"data": ref}, config=config)
+    assert counted == {"size": len(data), "md": data}

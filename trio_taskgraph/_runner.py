@@ -15,9 +15,12 @@ Theory of operation:
   (the run-private one first, then the shared backing) and inlined per the input port's
   format, then the inputs are checked (S6-25, S6-33, S6-46); the cache key is computed from
   the resolved inputs.
-- A node is *keyed* (cacheable in this run) when its task is cacheable, the run has a cache,
-  and every streamed input comes from a keyed node: a streamed input enters the key as its
-  provenance (source task type, source key, source port), never as bytes.
+- A node is *keyed* (cacheable in this run) when its task is cacheable and the run has a
+  cache. A streamed input enters the key as its provenance (source task type, source key,
+  source port), never as bytes; from an unkeyed source it enters as a run-unique name, so the
+  row is saved (keeping its blobs alive) but never looked up (S6-52).
+- A binary port that no sink stores and only streaming consumers read is not accumulated:
+  its bytes went to the consumers (S6-51).
 - A keyed node looks its row up first (S6-45): a usable row with no dangling ref is a hit; the
   task is skipped, refs replay as `BinaryDelta` chunks to streaming consumers under their
   budget (S6-24) and hydrate for materialising ones. Otherwise the task runs: its stream goes
@@ -60,10 +63,16 @@ from ._core._cache_policy import (
     replay_plan,
     split_chunk,
 )
-from ._core._events import BinaryDelta, Blob, BytesLike, Finish, Phase
+from ._core._events import BinaryDelta, Blob, BytesLike, Finish, Phase, chunk_size
 from ._core._graph import check_input_values
 from ._core._refs import CacheRef
-from ._errors import DanglingRefError, RefError, StreamProtocolError, TaskFailedError
+from ._errors import (
+    DanglingRefError,
+    PortSchemaError,
+    RefError,
+    StreamProtocolError,
+    TaskFailedError,
+)
 from ._repository._run_private import RunPrivateRepository
 from ._stream_processor import StreamEdge, StreamProcessor
 from ._task import RunConfig, Task, TaskContext, TaskGraph, TaskProgress
@@ -133,6 +142,7 @@ class _Node:
     started: trio.Event = attrs.Factory(trio.Event)
     finished: trio.Event = attrs.Factory(trio.Event)
     key: dict[str, object] | None = None
+    lookup: bool = True
     edge_output: Mapping[str, object] = attrs.Factory(dict)
     out_edges: dict[str, list[StreamEdge]] = attrs.Factory(dict)
     in_edges: dict[str, StreamEdge] = attrs.Factory(dict)
@@ -258,8 +268,9 @@ class _Run:
                 node.key = self._key(node, inputs)
                 node.started.set()
                 self.emit(node, TaskStatus(state="started"))
-                if node.key is None or not await self._try_hit(node):
-                    await self._execute(node, inputs)
+                hit = node.key is not None and node.lookup and await self._try_hit(node)
+                if not hit:
+                    await self._execute(node, self._as_streams(node, inputs))
                 ok = True
                 node.finished.set()
                 self.emit(node, TaskStatus(state="completed"))
@@ -309,6 +320,28 @@ class _Run:
         check_input_values(node.node_id, node.task_type, node.spec.input_schema, inputs)
         return inputs
 
+    def _as_streams(self, node: _Node, inputs: dict[str, object]) -> dict[str, object]:
+        # Invariant (S6-54): a streamed binary input port always receives a
+        # BinaryInputStream; a value given for it (fixed, materialised or an inlined ref)
+        # is served as chunks of at most `replay_chunk_size` (views, no copy).
+        size = replay_chunk_size(self.config.binary_high_water_bytes)
+        for port, spec in node.spec.inputs.items():
+            if not spec.is_binary or port in node.in_edges or port not in inputs:
+                continue
+            value = inputs[port]
+            data = value.data if isinstance(value, Blob) else value
+            if not isinstance(data, bytes | bytearray | memoryview):
+                continue  # anything else (an async iterable of the caller's) is passed as is
+            pieces = list(split_chunk(data, size))
+            # The bytes are in memory already: a channel that admits them all at once.
+            edge = StreamEdge.open(f"{node.node_id}.{port} (value)", max(1, chunk_size(data)))
+            for piece in pieces:
+                edge.send_channel.send_nowait(piece)
+            edge.finish(failed=False)
+            node.in_edges[port] = edge
+            inputs = {**inputs, port: edge.reader()}
+        return inputs
+
     def _key(self, node: _Node, inputs: Mapping[str, object]) -> dict[str, object] | None:
         if self.cache is None or not node.task.cacheable:
             return None
@@ -317,9 +350,15 @@ class _Run:
             if edge.mode != "stream":
                 continue
             source = self.nodes[edge.src]
-            if source.key is None:
-                return None  # the bytes of an unkeyed stream can't be named
-            key[edge.dst_port] = {"$stream": [source.task_type, source.key, edge.src_port]}
+            if source.key is None or not source.lookup:
+                # The bytes of an unkeyed stream can't be named: the row is stored under a
+                # run-unique key (it keeps its blobs alive and its refs valid) and never hits.
+                node.lookup = False
+                key[edge.dst_port] = {
+                    "$stream": ["run", self.run_id, source.node_id, edge.src_port]
+                }
+            else:
+                key[edge.dst_port] = {"$stream": [source.task_type, source.key, edge.src_port]}
         return key
 
     async def _read_ref(self, ref: CacheRef) -> bytes:
@@ -424,11 +463,14 @@ class _Run:
         ports = node.spec.outputs
         keyed = node.key is not None
         streams = keyed and cache is not None and cache.supports_streaming()
-        routes = binary_routes(
-            ports,
-            cacheable=keyed,
-            cache_streams=streams,
-            consumer_modes=self._consumer_modes(node),
+        modes = self._consumer_modes(node)
+        routes = binary_routes(ports, cacheable=keyed, cache_streams=streams, consumer_modes=modes)
+        # Invariant (S6-51): a port no sink stores and only streaming consumers read is not
+        # kept: its bytes went to the consumers (a pass-through never holds its payload).
+        edge_only = frozenset(
+            port
+            for port, route in routes.items()
+            if not route.sink and modes.get(port) == frozenset({"stream"})
         )
         sink = None
         if streams:
@@ -455,6 +497,7 @@ class _Run:
             edges=node.out_edges,
             high_water_bytes=self.config.binary_high_water_bytes,
             on_event=emit,
+            edge_only=edge_only,
         )
         processed = await processor.run(events)
         streamed = list(processed.streamed)
@@ -506,6 +549,44 @@ class _Run:
         self.outputs[node.node_id] = await self._hydrate(cache, stored, ports)
 
 
+def _check_no_stall(graph: TaskGraph) -> None:
+    """
+    Refuse a graph where a streaming producer would wait forever (S6-53).
+
+    A consumer starts only once its materialised sources finished (S6-15). If one of them
+    cannot finish before the producer of one of the consumer's *streamed* inputs finishes,
+    that producer fills the consumer's budget and parks, waiting for a consumer that is
+    waiting for it. Checked on the graph alone, before anything starts.
+    """
+    model = graph.model
+    order = model.topological_order()
+    # finish_needs[x]: the nodes that must finish before x can finish (its ancestors).
+    finish_needs: dict[str, frozenset[str]] = {}
+    for node in order:
+        needs: set[str] = set()
+        for edge in model.incoming(node):
+            needs.add(edge.src)
+            needs |= finish_needs[edge.src]
+        finish_needs[node] = frozenset(needs)
+    # start_needs[x]: the nodes that must finish before x can start.
+    start_needs: dict[str, frozenset[str]] = {}
+    for node in order:
+        needs = set()
+        for edge in model.incoming(node):
+            if edge.mode == "materialize":
+                needs.add(edge.src)
+                needs |= finish_needs[edge.src]
+            else:
+                needs |= start_needs[edge.src]
+        start_needs[node] = frozenset(needs)
+    for edge in model.edges:
+        if edge.mode == "stream" and edge.src in start_needs[edge.dst]:
+            raise PortSchemaError(
+                f"edge {edge} would stall: {edge.dst} starts only after {edge.src} finishes, "
+                f"but {edge.src} streams into it under a byte budget and waits for it to read"
+            )
+
+
 async def run_graph(
     graph: TaskGraph,
     *,
@@ -527,7 +608,8 @@ async def run_graph(
         ``config.reference_threshold_bytes`` and `CacheRef` at or above it (S6-43).
 
     Raises:
-        PortSchemaError: a required input has no value and no edge (nothing ran).
+        PortSchemaError: a required input has no value and no edge, or a streaming
+            producer would wait forever for a consumer that waits for it (S6-53); nothing ran.
         TaskFailedError: a task (or its sink, or its row save) failed; it names the task type
             and the node id, the cause is chained (S6-48). The other tasks were cancelled.
 
@@ -541,6 +623,7 @@ async def run_graph(
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, not {type(config).__name__}")
     graph.model.check_complete()
+    _check_no_stall(graph)
     return await _Run(graph, config, on_event).run()
 
 

@@ -238,6 +238,9 @@ class StreamProcessor:
         high_water_bytes: the byte budget of each sink channel (and of explicit values
             replayed to edges, in chunks of `replay_chunk_size`).
         on_event: called with every accepted event, in order; it must not block.
+        edge_only: binary ports whose chunks only go to their streaming edges: neither kept
+            nor sunk (S6-51), so a pass-through never holds its whole payload. They are
+            absent from the output.
     """
 
     ports: Mapping[str, PortSpec]
@@ -246,6 +249,7 @@ class StreamProcessor:
     edges: Mapping[str, Sequence[StreamEdge]]
     high_water_bytes: int
     on_event: Callable[[object], None] = _no_listener
+    edge_only: frozenset[str] = frozenset()
     _accumulator: OutputAccumulator = attrs.field(init=False)
     _sinks: dict[str, _OpenSink] = attrs.field(factory=dict, init=False)
     _errors: list[BaseException] = attrs.field(factory=list, init=False)
@@ -255,7 +259,13 @@ class StreamProcessor:
     def __attrs_post_init__(self) -> None:
         if self.sink is None and any(r.sink for r in self.routes.values()):
             raise ValueError("a route sinks a port but the processor has no sink")
-        self._accumulator = OutputAccumulator(self.ports, self.routes)
+        routes = dict(self.routes)
+        for port in self.edge_only:
+            if self.routes.get(port, BinaryRoute()).sink:
+                raise ValueError(f"port {port!r} cannot be both sunk and edge-only")
+            # The accumulator keeps no bytes of a sink-only port; here the "sink" is the edges.
+            routes[port] = BinaryRoute(sink=True, accumulate=False)
+        self._accumulator = OutputAccumulator(self.ports, routes)
 
     def _fail(self, error: BaseException) -> None:
         self._errors.append(error)
@@ -286,6 +296,12 @@ class StreamProcessor:
             if self._errors:
                 raise self._errors[0]
             result = self._accumulator.result()
+            if self.edge_only:
+                result = attrs.evolve(
+                    result,
+                    ref_ports=result.ref_ports - self.edge_only,
+                    discarded_sink_ports=result.discarded_sink_ports - self.edge_only,
+                )
             refs = {port: self._ref_of(port) for port in result.ref_ports}
             discarded = [self._ref_of(port) for port in sorted(result.discarded_sink_ports)]
             if discarded:
@@ -319,6 +335,7 @@ class StreamProcessor:
         accumulator = self._accumulator
         emit = self.on_event
         edges = self.edges
+        edge_only = self.edge_only
         try:
             async with aclosing(events) as stream:  # type: ignore[type-var]
                 async for event in stream:
@@ -329,7 +346,7 @@ class StreamProcessor:
                         raise StreamProtocolError("the task reported a StreamError") from error
                     if type(event) is BinaryDelta:
                         chunk = event.chunk
-                        if route != "accumulated":  # sink or tee
+                        if route != "accumulated" and event.port not in edge_only:
                             await self._send_to_sink(event.port, chunk, nursery)
                         for edge in edges.get(event.port, ()):
                             await edge.send(chunk)
