@@ -41,7 +41,7 @@ import attrs
 import trio
 
 from ._byte_channel import open_byte_channel
-from ._core._codec import CLOSED, NEED_DATA, FrameDecoder
+from ._core._codec import CLOSED, DEFAULT_MAX_FRAME_BYTES, NEED_DATA, FrameDecoder
 from ._core._keys import check_namespace
 from ._core._messages import (
     PROTOCOL_VERSION,
@@ -103,8 +103,6 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 #: Seconds a connection-level error reply may take to send before the socket is just closed.
 _GOODBYE_TIMEOUT: Final = 1.0
 _RECEIVE_BYTES: Final = 256 * 1024
-# Frames carry a chunk plus a small envelope; leave room for it.
-_FRAME_SLACK: Final = 4096
 
 
 @final
@@ -208,7 +206,7 @@ class _Connection:
     def __init__(self, server: CacheServer, stream: trio.abc.Stream) -> None:
         self.server = server
         self.stream = stream
-        self.decoder = FrameDecoder(max_frame_bytes=server.chunk_bytes + _FRAME_SLACK)
+        self.decoder = FrameDecoder(max_frame_bytes=server.max_frame_bytes)
         self.send_lock = trio.Lock()
         self.requests: dict[int, _Entry] = {}
         self.namespace = ""
@@ -526,8 +524,11 @@ class _Connection:
             upload.receive.close()
             if upload.ended:
                 self._close(upload.id)
-        if reply is not None and not upload.scope.cancelled_caught:
-            await self._reply(reply)
+        if reply is None:
+            # Aborted: say so, so a client that aborted after its last chunk learns that
+            # nothing was published (S5-10).
+            reply = Failed(id=upload.id, kind="aborted", message="the upload was aborted")
+        await self._reply(reply)
 
     async def _run_download(self, download: _Download, message: ReadStream) -> None:
         server = self.server
@@ -573,12 +574,16 @@ class CacheServer:
         window: credit per stream in bytes (S5-9); at least ``chunk_bytes``.
         chunk_bytes: the largest chunk per frame.
         max_in_flight: requests one connection may have open at once.
+        max_frame_bytes: the largest frame accepted (a row travels in one frame); a
+            connection holds at most one partial frame, so this bounds what a client can
+            make the server buffer outside the stream windows.
     """
 
     repository: FsOutputRepository
     window: int = DEFAULT_WINDOW
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     _connections: set[_Connection] = attrs.field(factory=set, init=False)
     _buffered: int = attrs.field(default=0, init=False)
     _peak: int = attrs.field(default=0, init=False)
@@ -589,8 +594,16 @@ class CacheServer:
     _accepting: trio.CancelScope | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.chunk_bytes < 1 or self.window < self.chunk_bytes or self.max_in_flight < 1:
-            raise ValueError("need chunk_bytes >= 1, window >= chunk_bytes, max_in_flight >= 1")
+        if (
+            self.chunk_bytes < 1
+            or self.window < self.chunk_bytes
+            or self.max_in_flight < 1
+            or self.max_frame_bytes < self.chunk_bytes + 4096
+        ):
+            raise ValueError(
+                "need chunk_bytes >= 1, window >= chunk_bytes, max_in_flight >= 1 and "
+                "max_frame_bytes >= chunk_bytes + 4096"
+            )
 
     def _add_buffered(self, delta: int) -> None:
         self._buffered += delta
@@ -721,6 +734,7 @@ async def serve_cache_server(
     window: int = DEFAULT_WINDOW,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     repository: FsOutputRepository | None = None,
     task_status: trio.TaskStatus[CacheServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -734,7 +748,7 @@ async def serve_cache_server(
     Args:
         root: the repository folder.
         socket_path: where to listen.
-        window, chunk_bytes, max_in_flight: see `CacheServer`.
+        window, chunk_bytes, max_in_flight, max_frame_bytes: see `CacheServer`.
         repository: serve this repository instead of opening ``root`` (tests inject slow
             ones); it is not closed.
 
@@ -759,7 +773,11 @@ async def serve_cache_server(
             path.unlink()
         raise
     server = CacheServer(
-        repository, window=window, chunk_bytes=chunk_bytes, max_in_flight=max_in_flight
+        repository,
+        window=window,
+        chunk_bytes=chunk_bytes,
+        max_in_flight=max_in_flight,
+        max_frame_bytes=max_frame_bytes,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio_taskgraph as tg
+from trio_taskgraph import cache_server
 
 from ._units import parse_size
 
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         "only", nargs="*", metavar="NAME", help="only these (e.g. byte_channel wire)"
     )
     bench.set_defaults(handler=_run_bench)
+
+    # cache-server: run one (issue 6).
+    serve = sub.add_parser("cache-server", help="serve a repository folder on a Unix socket")
+    cache_server.add_arguments(serve)
+    serve.set_defaults(handler=cache_server.run)
 
     return parser
 

@@ -70,15 +70,18 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the server with parsed ``args``; returns the exit status."""
+    status = 0
     try:
         trio.run(_serve, args)
-    except CacheServerError as exc:
-        print(f"cache server: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"cache server: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except* CacheServerError as refused:
+        for problem in refused.exceptions:
+            print(f"cache server: {problem}", file=sys.stderr)
+        status = 2
+    except* OSError as failed:
+        for error in failed.exceptions:
+            print(f"cache server: {error}", file=sys.stderr)
+        status = 1
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "ERROR_KINDS",
     "PROTOCOL_VERSION",
     "Abort",
     "ChunkMessage",
@@ -335,6 +336,7 @@ ERROR_KINDS: Final = frozenset(
         "type",  # TypeError
         "value",  # ValueError
         "shutdown",  # CacheServerError: the server is shutting down
+        "aborted",  # CacheServerError: the client aborted the upload; nothing was published
         "internal",  # CacheServerError: a bug in the server
     }
 )

@@ -76,6 +76,7 @@ from .._errors import (
     CacheServerError,
     DanglingRefError,
     ForeignRefError,
+    RefError,
     RepositoryError,
     WireFormatError,
 )
@@ -583,8 +584,7 @@ class CacheServerRepository:
                 if not ended:  # pragma: no cover - the server replied Ok before the end
                     raise CacheServerError("the cache server finished an upload early")
             except BaseException:
-                if not ended:
-                    await conn.abort(request)
+                await self._abandon_upload(request, ended=ended)
                 raise
             finally:
                 conn.close_request(request)
@@ -592,6 +592,27 @@ class CacheServerRepository:
         if type(ref) is not CacheRef:
             raise CacheServerError(f"the cache server returned a {type(ref).__name__} as a ref")
         return ref
+
+    async def _abandon_upload(self, request: _Request, *, ended: bool) -> None:
+        """
+        Make sure an upload we give up on publishes nothing (S5-10): abort it, and if it
+        was already complete (its last chunk sent), wait for the server's verdict and delete
+        the blob if it was published before the abort arrived.
+        """
+        conn = self._conn
+        if not request.done:
+            await conn.abort(request)
+        if not ended or conn.failure is not None:
+            return
+        with trio.CancelScope(shield=True) as scope:
+            scope.relative_deadline = SEND_TIMEOUT
+            while not request.done:
+                await request.lot.park()
+            ref = request.value
+            if type(ref) is CacheRef:
+                ns = self._namespace
+                with contextlib.suppress(CacheServerError, RefError):
+                    await conn.call(lambda i: DeleteRef(id=i, ns=ns, ref=ref))
 
     async def get_output_by_ref(self, ref: CacheRef) -> bytes:
         """
