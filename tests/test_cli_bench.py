@@ -17,6 +17,7 @@ import pytest
 from trio_taskgraph._cli import main
 from trio_taskgraph._cli_bench import (
     BenchResult,
+    format_markdown,
     format_table,
     parse_result_line,
     run_benches,
@@ -105,10 +106,16 @@ def test_only_runs_the_named_scripts(tmp_path: Path) -> None:
 
 
 def test_table_shows_absolute_figures_with_their_unit() -> None:
-    lines = format_table(
-        [BenchResult(name="repo/rss", ratio=12.5, target="<=32", peer="absolute", unit="MiB")]
-    )
+    results = [
+        BenchResult(name="repo/rss", ratio=12.5, target="<=32", peer="absolute", unit="MiB"),
+        BenchResult(name="chan", ratio=0.5, target=">=0.95", peer="trio"),
+    ]
+    lines = format_table(results)
     assert re.search(r"12\.50 MiB\s+<=32 MiB\s+yes\s+absolute$", lines[1])
+    assert format_markdown(results)[2:] == [
+        "| `repo/rss` | 12.50 MiB | ≤ 32 MiB | yes | absolute |",
+        "| `chan` | 0.50 | ≥ 0.95 | **no** | trio |",
+    ]
 
 
 @pytest.mark.parametrize("script", sorted(BENCH.glob("bench_*.py")), ids=lambda p: p.stem)

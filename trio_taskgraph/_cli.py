@@ -66,7 +66,9 @@ def _run_cache(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     from ._cli_bench import run_bench_command
 
-    return run_bench_command(quick=args.quick, only=args.only, bench_dir=args.dir)
+    return run_bench_command(
+        quick=args.quick, only=args.only, bench_dir=args.dir, markdown=args.markdown
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the benchmarks and print one table of ratios")
     bench.add_argument("--quick", action="store_true", help="a few seconds per benchmark")
     bench.add_argument("--dir", help="the bench folder (./bench)")
+    bench.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     bench.add_argument(
         "only", nargs="*", metavar="NAME", help="only these (e.g. byte_channel wire)"
     )

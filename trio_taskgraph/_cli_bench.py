@@ -36,7 +36,15 @@ import attrs
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["BenchResult", "find_bench_dir", "format_table", "parse_result_line", "run_benches"]
+__all__ = [
+    "BenchResult",
+    "find_bench_dir",
+    "format_markdown",
+    "format_table",
+    "parse_result_line",
+    "run_bench_command",
+    "run_benches",
+]
 
 RESULT_PREFIX: Final = "RESULT "
 
@@ -188,8 +196,24 @@ def format_table(results: Sequence[BenchResult]) -> list[str]:
     return lines
 
 
+def format_markdown(results: Sequence[BenchResult]) -> list[str]:
+    """The same table in Markdown (what the README shows)."""
+    lines = ["| benchmark | ratio | target | met | measured against |", "|---|---:|---:|:-:|---|"]
+    for r in results:
+        unit = f" {r.unit}" if r.unit else ""
+        ratio = "-" if math.isnan(r.ratio) else f"{r.ratio:.2f}{unit}"
+        ok = "yes" if r.ok else ("-" if not r.target else "**no**")
+        target = r.target.replace(">=", "≥ ").replace("<=", "≤ ") + unit
+        lines.append(f"| `{r.name}` | {ratio} | {target} | {ok} | {r.peer} |")
+    return lines
+
+
 def run_bench_command(
-    *, quick: bool, only: Sequence[str] = (), bench_dir: str | None = None
+    *,
+    quick: bool,
+    only: Sequence[str] = (),
+    bench_dir: str | None = None,
+    markdown: bool = False,
 ) -> int:
     """The ``bench`` command: run, print the table; exit 1 if a script failed."""
     folder = find_bench_dir(bench_dir)
@@ -199,7 +223,7 @@ def run_bench_command(
     results = run_benches(folder, quick=quick, only=only)
     print()
     print(f"ratios measured in one run against each peer{' (--quick)' if quick else ''}:")
-    for line in format_table(results):
+    for line in (format_markdown if markdown else format_table)(results):
         print(line)
     failed = any(not r.target for r in results)
     return 1 if failed or not results else 0
