@@ -27,6 +27,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import math
@@ -41,7 +42,7 @@ import attrs
 import trio
 
 from ._byte_channel import open_byte_channel
-from ._core._codec import CLOSED, DEFAULT_MAX_FRAME_BYTES, NEED_DATA, FrameDecoder
+from ._core._codec import CLOSED, DEFAULT_MAX_FRAME_BYTES, NEED_DATA, FrameDecoder, packb
 from ._core._keys import check_namespace
 from ._core._messages import (
     PROTOCOL_VERSION,
@@ -133,6 +134,69 @@ class CacheServerStatistics:
     protocol_errors: int
 
 
+#: Bytes of rows the server keeps in memory by default (S5-15).
+DEFAULT_ROW_CACHE_BYTES: Final = 64 * 1024 * 1024
+
+_RowKey = tuple[str, str, str]
+
+
+@final
+@attrs.define(eq=False)
+class _RowCache:
+    """
+    Rows the server has read, kept so a hot row costs no thread hop (S5-15).
+
+    Invariant (S5-15): a read fills the cache only if no write or prune went through the
+    server between the read's start and its end (``epoch`` unchanged), and every write or
+    prune invalidates before and after it runs; so the cache never serves a row older than
+    the last write this server made.
+    """
+
+    max_bytes: int
+    entries: collections.OrderedDict[_RowKey, tuple[dict[str, object] | None, int]] = attrs.Factory(
+        collections.OrderedDict
+    )
+    size: int = 0
+    epoch: int = 0
+    hits: int = 0
+
+    def lookup(self, key: _RowKey) -> tuple[bool, dict[str, object] | None]:
+        entry = self.entries.get(key)
+        if entry is None:
+            return False, None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return True, entry[0]
+
+    def fill(self, key: _RowKey, value: dict[str, object] | None, epoch: int) -> None:
+        if epoch != self.epoch or not self.max_bytes:
+            return
+        try:
+            size = 64 + (0 if value is None else len(packb(value)))
+        except WireFormatError:  # pragma: no cover - rows are msgpack already
+            return
+        if size > self.max_bytes // 16:
+            return  # a big row would evict many small ones; read it from disk
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.size -= old[1]
+        self.entries[key] = (value, size)
+        self.size += size
+        while self.size > self.max_bytes:
+            _, (_, dropped) = self.entries.popitem(last=False)
+            self.size -= dropped
+
+    def invalidate(self, key: _RowKey | None = None) -> None:
+        self.epoch += 1
+        if key is None:
+            self.entries.clear()
+            self.size = 0
+        else:
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.size -= old[1]
+
+
 class _Violation(Exception):
     """The peer broke the protocol: reply at connection level and close."""
 
@@ -215,20 +279,30 @@ class _Connection:
         self.decoded_bytes = 0  # what this connection's decoder holds, as last counted
         self.idle = trio.Event()
         self.idle.set()
+        self.outbox: list[bytes] = []  # replies the reader sends before it next waits
 
     # -- sending --
 
     async def send(self, message: ServerMessage) -> None:
         """Send one frame; a frame is sent whole or the connection is torn down."""
-        frame = encode_message(message)
-        async with self.send_lock:
+        await self._send_bytes(encode_message(message))
+
+    async def _send_bytes(self, data: bytes) -> None:
+        lock = self.send_lock
+        try:
+            lock.acquire_nowait()  # uncontended: no extra trip through the scheduler
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             # A frame cut by a cancellation would corrupt the stream: finish it.
             with trio.CancelScope(shield=True):
                 try:
-                    await self.stream.send_all(frame)
+                    await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._tear_down()
                     raise
+        finally:
+            lock.release()
 
     def _tear_down(self) -> None:
         if self.nursery is not None:
@@ -297,6 +371,10 @@ class _Connection:
                 server._add_buffered(held - self.decoded_bytes)
                 self.decoded_bytes = held
             if frame is NEED_DATA:
+                if self.outbox:
+                    # Replies made while dispatching this batch leave in one write.
+                    frames, self.outbox = self.outbox, []
+                    await self._send_bytes(b"".join(frames))
                 data = await self.stream.receive_some(_RECEIVE_BYTES)
                 decoder.receive_data(data)
                 continue
@@ -381,8 +459,25 @@ class _Connection:
             if self.server._draining:
                 self._refuse(message.id)
                 return
+            if isinstance(message, GetOutput) and self._answer_from_cache(message):
+                return
             self._open(message.id, None)
             nursery.start_soon(self._guard, self._run_unary, message)
+
+    def _answer_from_cache(self, message: GetOutput) -> bool:
+        """Answer a get of a cached row at once, in the reader: no task, no thread (S5-15)."""
+        hit, row = self.server._rows.lookup((message.ns, message.task_type, message.digest))
+        own = self.namespace
+        ns = message.ns
+        if (
+            not hit
+            or (ns != own and not ns.startswith(own + "."))
+            or message.id in self.requests
+            or message.id < 0
+        ):
+            return False  # the task path refuses or answers it
+        self.outbox.append(encode_message(Ok(id=message.id, value=row)))
+        return True
 
     def _refuse(self, request_id: int) -> None:
         assert self.nursery is not None
@@ -471,22 +566,46 @@ class _Connection:
             self._close(request_id)
 
     async def _perform(self, message: ClientMessage) -> object:
+        rows = self.server._rows
         if isinstance(message, GetOutput):
             view = self._view(message.ns)
-            return await view.get_output_by_digest(message.task_type, message.digest)
+            key = (message.ns, message.task_type, message.digest)
+            hit, row = rows.lookup(key)
+            if hit:
+                await trio.lowlevel.checkpoint()
+                return row
+            epoch = rows.epoch
+            row = await view.get_output_by_digest(message.task_type, message.digest)
+            rows.fill(key, row, epoch)
+            return row
         if isinstance(message, SaveOutput):
             view = self._view(message.ns)
             if not isinstance(message.output, dict):
                 raise TypeError(f"an output must be a map, not {type(message.output).__name__}")
-            await view.save_output_by_digest(message.task_type, message.digest, message.output)
+            key = (message.ns, message.task_type, message.digest)
+            rows.invalidate(key)
+            try:
+                await view.save_output_by_digest(message.task_type, message.digest, message.output)
+            finally:
+                rows.invalidate(key)
             return None
         if isinstance(message, DeleteRef):
             await self._view(message.ns).delete_output_by_ref(message.ref)
             return None
         if isinstance(message, ClearOlderThan):
-            return await self._view(message.ns).clear_older_than(message.seconds)
+            view = self._view(message.ns)
+            rows.invalidate()
+            try:
+                return await view.clear_older_than(message.seconds)
+            finally:
+                rows.invalidate()
         if isinstance(message, DeletePrefix):
-            return await self._view(message.ns).delete_by_task_type_prefix(message.prefix)
+            view = self._view(message.ns)
+            rows.invalidate()
+            try:
+                return await view.delete_by_task_type_prefix(message.prefix)
+            finally:
+                rows.invalidate()
         if isinstance(message, Stats):
             stats = await self._view(message.ns).stats()
             return [stats.rows, stats.blobs, stats.bytes]
@@ -574,6 +693,9 @@ class CacheServer:
         window: credit per stream in bytes (S5-9); at least ``chunk_bytes``.
         chunk_bytes: the largest chunk per frame.
         max_in_flight: requests one connection may have open at once.
+        row_cache_bytes: rows kept in memory (S5-15); 0 turns the cache off. The server
+            assumes it is the only writer of its folder's rows: if another process writes
+            or prunes them, turn the cache off.
         max_frame_bytes: the largest frame accepted (a row travels in one frame); a
             connection holds at most one partial frame, so this bounds what a client can
             make the server buffer outside the stream windows.
@@ -584,6 +706,8 @@ class CacheServer:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    row_cache_bytes: int = DEFAULT_ROW_CACHE_BYTES
+    _rows: _RowCache = attrs.field(init=False)
     _connections: set[_Connection] = attrs.field(factory=set, init=False)
     _buffered: int = attrs.field(default=0, init=False)
     _peak: int = attrs.field(default=0, init=False)
@@ -594,6 +718,7 @@ class CacheServer:
     _accepting: trio.CancelScope | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._rows = _RowCache(max_bytes=max(0, self.row_cache_bytes))
         if (
             self.chunk_bytes < 1
             or self.window < self.chunk_bytes
@@ -735,6 +860,7 @@ async def serve_cache_server(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    row_cache_bytes: int = DEFAULT_ROW_CACHE_BYTES,
     repository: FsOutputRepository | None = None,
     task_status: trio.TaskStatus[CacheServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -748,7 +874,8 @@ async def serve_cache_server(
     Args:
         root: the repository folder.
         socket_path: where to listen.
-        window, chunk_bytes, max_in_flight, max_frame_bytes: see `CacheServer`.
+        window, chunk_bytes, max_in_flight, max_frame_bytes, row_cache_bytes: see
+            `CacheServer`.
         repository: serve this repository instead of opening ``root`` (tests inject slow
             ones); it is not closed.
 
@@ -757,9 +884,7 @@ async def serve_cache_server(
     path = await trio.to_thread.run_sync(prepare_socket_path, socket_path)
     owned = repository is None
     if repository is None:
-        repository = FsOutputRepository(
-            root, read_chunk_bytes=chunk_bytes, write_batch_bytes=chunk_bytes
-        )
+        repository = FsOutputRepository(root, read_chunk_bytes=chunk_bytes)
     sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
     try:
         await sock.bind(os.fspath(path))
@@ -778,6 +903,7 @@ async def serve_cache_server(
         chunk_bytes=chunk_bytes,
         max_in_flight=max_in_flight,
         max_frame_bytes=max_frame_bytes,
+        row_cache_bytes=row_cache_bytes,
     )
     try:
         async with trio.open_nursery() as nursery:

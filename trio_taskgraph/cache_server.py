@@ -20,6 +20,7 @@ import trio
 from ._cache_server import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_ROW_CACHE_BYTES,
     DEFAULT_WINDOW,
     CacheServer,
     serve_cache_server,
@@ -44,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT, help="requests per connection"
     )
     parser.add_argument(
+        "--row-cache-bytes",
+        type=int,
+        default=DEFAULT_ROW_CACHE_BYTES,
+        help="rows kept in memory; 0 if other processes write the folder's rows",
+    )
+    parser.add_argument(
         "--grace", type=float, default=10.0, help="seconds open requests get on SIGTERM"
     )
 
@@ -58,6 +65,7 @@ async def _serve(args: argparse.Namespace) -> None:
                     window=args.window,
                     chunk_bytes=args.chunk_bytes,
                     max_in_flight=args.max_in_flight,
+                    row_cache_bytes=args.row_cache_bytes,
                     task_status=task_status,
                 )
             )

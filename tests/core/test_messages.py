@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import trio_taskgraph as tg
+from trio_taskgraph._core import _messages as messages
 from trio_taskgraph._core._codec import FrameDecoder, packb, unpackb
 from trio_taskgraph._core._messages import (
     ERROR_KINDS,
@@ -187,3 +188,49 @@ def test_error_kinds() -> None:
     for exc, kind in cases:
         assert error_kind(exc) == kind
         assert kind in ERROR_KINDS
+
+
+_FIELD_VALUES = st.one_of(
+    st.integers(-3, 3),
+    st.booleans(),
+    st.text(max_size=3),
+    st.binary(max_size=3),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@given(
+    op=st.sampled_from(["get", "chunk", "credit", "ok", "data"]),
+    fields=st.dictionaries(
+        st.sampled_from(["id", "ns", "task_type", "digest", "data", "n", "value", "end", "x"]),
+        _FIELD_VALUES,
+    ),
+)
+def test_hot_paths_agree_with_the_converter(op: str, fields: dict[str, object]) -> None:
+    """S5-7: a hot-path decoder accepts only what the converter accepts, and builds the same."""
+    value: dict[str, object] = {**fields, "op": op}
+    for fast, union in (
+        (messages._FAST_CLIENT, messages.ClientMessage),
+        (messages._FAST_SERVER, messages.ServerMessage),
+    ):
+        structure = fast.get(op)
+        if structure is None:
+            continue
+        try:
+            expected: object = messages._CONVERTER.structure(value, union)  # type: ignore[arg-type]
+        except Exception:
+            expected = "refused"
+        got = structure(value)
+        assert got is None or got == expected, (got, expected)
+        if expected != "refused":
+            assert got == expected, "a valid hot message must take the hot path"
+
+
+@pytest.mark.parametrize("message", [*CLIENT, *SERVER], ids=lambda m: type(m).__name__)
+def test_hot_encoders_agree_with_the_converter(message: ClientMessage | ServerMessage) -> None:
+    """S5-6: hot-path encoding builds exactly the converter's dict."""
+    fast = messages._FAST_UNSTRUCTURE.get(type(message))
+    if fast is not None:
+        union = messages.ServerMessage if type(message) in (Ok, Data) else messages.ClientMessage
+        assert fast(message) == messages._CONVERTER.unstructure(message, union)

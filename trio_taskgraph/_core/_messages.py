@@ -414,21 +414,125 @@ def encode_message(message: ClientMessage | ServerMessage) -> bytes:
         WireFormatError: a field holds a value the wire cannot carry (a row with a set, a
             class instance...); the message names it.
     """
-    union = ServerMessage if type(message) in _SERVER_TYPES else ClientMessage
-    value: object = _unstructure(message, union)
+    kind = type(message)
+    fast = _FAST_UNSTRUCTURE.get(kind)
+    if fast is not None:
+        value: object = fast(message)
+    else:
+        union = ServerMessage if kind in _SERVER_TYPES else ClientMessage
+        value = _unstructure(message, union)
     frame: bytes = encode_frame(value)
     return frame
+
+
+# --- hot paths -------------------------------------------------------------------------------
+#
+# The messages of every round trip and every chunk skip cattrs' generated hooks (a Python call
+# per field) for a few lines that build exactly what the converter builds and accept exactly
+# what it accepts: anything a fast decoder does not accept goes to the converter, which
+# accepts it or names the problem (S5-7). tests/core/test_messages.py checks the agreement.
+
+
+def _unstructure_get(m: object) -> dict[str, object]:
+    assert type(m) is GetOutput
+    return {"id": m.id, "ns": m.ns, "task_type": m.task_type, "digest": m.digest, "op": "get"}
+
+
+def _unstructure_ok(m: object) -> dict[str, object]:
+    assert type(m) is Ok
+    return {"id": m.id, "value": m.value, "op": "ok"}
+
+
+def _unstructure_chunk(m: object) -> dict[str, object]:
+    assert type(m) is ChunkMessage
+    return {"id": m.id, "data": m.data, "op": "chunk"}
+
+
+def _unstructure_data(m: object) -> dict[str, object]:
+    assert type(m) is Data
+    return {"id": m.id, "data": m.data, "end": m.end, "op": "data"}
+
+
+def _unstructure_credit(m: object) -> dict[str, object]:
+    assert type(m) is Credit
+    return {"id": m.id, "n": m.n, "op": "credit"}
+
+
+_FAST_UNSTRUCTURE: Final[dict[type, Callable[[object], dict[str, object]]]] = {
+    GetOutput: _unstructure_get,
+    Ok: _unstructure_ok,
+    ChunkMessage: _unstructure_chunk,
+    Data: _unstructure_data,
+    Credit: _unstructure_credit,
+}
+
+
+def _structure_get(v: dict[str, object]) -> object:
+    i, ns, tt, d = v.get("id"), v.get("ns"), v.get("task_type"), v.get("digest")
+    if type(i) is int and type(ns) is str and type(tt) is str and type(d) is str:
+        return GetOutput(id=i, ns=ns, task_type=tt, digest=d)
+    return None
+
+
+def _structure_chunk(v: dict[str, object]) -> object:
+    i, data = v.get("id"), v.get("data")
+    if type(i) is int and type(data) is bytes:
+        return ChunkMessage(id=i, data=data)
+    return None
+
+
+def _structure_credit(v: dict[str, object]) -> object:
+    i, n = v.get("id"), v.get("n")
+    if type(i) is int and type(n) is int:
+        return Credit(id=i, n=n)
+    return None
+
+
+def _structure_ok(v: dict[str, object]) -> object:
+    i = v.get("id")
+    if type(i) is int:
+        return Ok(id=i, value=v.get("value"))
+    return None
+
+
+def _structure_data(v: dict[str, object]) -> object:
+    i, data, end = v.get("id"), v.get("data"), v.get("end", False)
+    if type(i) is int and type(data) is bytes and type(end) is bool:
+        return Data(id=i, data=data, end=end)
+    return None
+
+
+_FAST_CLIENT: Final[dict[str, Callable[[dict[str, object]], object]]] = {
+    "get": _structure_get,
+    "chunk": _structure_chunk,
+    "credit": _structure_credit,
+}
+_FAST_SERVER: Final[dict[str, Callable[[dict[str, object]], object]]] = {
+    "ok": _structure_ok,
+    "data": _structure_data,
+    "credit": _structure_credit,
+}
 
 
 _SERVER_TYPES: Final = frozenset({Welcome, Ok, Failed, Data})
 
 
-def _decode(value: object, union: object, side: str) -> object:
+def _decode(
+    value: object,
+    union: object,
+    side: str,
+    fast: dict[str, Callable[[dict[str, object]], object]],
+) -> object:
     if type(value) is not dict:
         raise WireFormatError(f"a {side} message is a map, not a {type(value).__name__}")
     op = value.get("op")
     if type(op) is not str:
         raise WireFormatError(f"a {side} message needs a str 'op' tag")
+    structure_fast = fast.get(op)
+    if structure_fast is not None:
+        message = structure_fast(value)
+        if message is not None:
+            return message
     try:
         structured: object = _structure(value, union)  # type: ignore[arg-type]  # a union
         return structured
@@ -449,7 +553,7 @@ def decode_client(value: object) -> ClientMessage:
         WireFormatError: ``value`` is not a map with a known client ``op`` and well-typed
             fields (S5-7).
     """
-    return _decode(value, ClientMessage, "client")  # type: ignore[return-value]
+    return _decode(value, ClientMessage, "client", _FAST_CLIENT)  # type: ignore[return-value]
 
 
 def decode_server(value: object) -> ServerMessage:
@@ -460,7 +564,7 @@ def decode_server(value: object) -> ServerMessage:
         WireFormatError: ``value`` is not a map with a known server ``op`` and well-typed
             fields (S5-7).
     """
-    return _decode(value, ServerMessage, "server")  # type: ignore[return-value]
+    return _decode(value, ServerMessage, "server", _FAST_SERVER)  # type: ignore[return-value]
 
 
 def error_kind(exc: BaseException) -> str:

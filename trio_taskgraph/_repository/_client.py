@@ -211,7 +211,12 @@ class _Connection:
             await trio.lowlevel.checkpoint()
             raise self.dead()
         frame = encode_message(message)
-        async with self.send_lock:
+        lock = self.send_lock
+        try:
+            lock.acquire_nowait()  # uncontended: no extra trip through the scheduler
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             if self.failure is not None:
                 raise self.dead()
             with trio.CancelScope(shield=True) as scope:
@@ -226,6 +231,8 @@ class _Connection:
             if scope.cancelled_caught:
                 self.fail(f"the cache server took over {SEND_TIMEOUT} s to take a frame")
                 raise self.dead()
+        finally:
+            lock.release()
 
     async def abort(self, request: _Request) -> None:
         """Tell the server to drop ``request`` (best effort; no reply)."""
@@ -314,6 +321,19 @@ class _Connection:
 
     # -- requests --
 
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the server's ``max_in_flight`` request slots (S5-8)."""
+        limiter = self.limiter
+        try:
+            limiter.acquire_nowait()  # a free slot costs no trip through the scheduler
+        except trio.WouldBlock:
+            await limiter.acquire()
+        try:
+            yield
+        finally:
+            limiter.release()
+
     def open_request(self) -> _Request:
         if self.failure is not None:
             raise self.dead()
@@ -330,7 +350,7 @@ class _Connection:
 
     async def call(self, build: Callable[[int], ClientMessage]) -> object:
         """Send ``build(request_id)`` and wait for its reply's value (or raise its error)."""
-        async with self.limiter:
+        async with self.slot():
             request = self.open_request()
             try:
                 await self.send(build(request.id))
@@ -548,7 +568,7 @@ class CacheServerRepository:
         self, task_type: str, mime: str | None, chunks: AsyncIterator[BytesLike]
     ) -> CacheRef:
         conn = self._conn
-        async with conn.limiter:
+        async with conn.slot():
             request = conn.open_request()
             request.credit = conn.window
             ended = False
@@ -662,7 +682,7 @@ class CacheServerRepository:
             await trio.lowlevel.checkpoint()
             raise
         conn = self._conn
-        async with conn.limiter:
+        async with conn.slot():
             request = conn.open_request()
             request.download = True
             download = _Download(conn, request)
