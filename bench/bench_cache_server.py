@@ -304,6 +304,11 @@ async def main_async(args: argparse.Namespace) -> int:
         mark = "ok" if ratio >= target else "BELOW"
         print(f"{name:<38} {a:>12,.0f} {b:>12,.0f} {ratio:>7.2f} {target:>6.1f}x  {what} ({mark})")
     print(bench_redis(n))
+    for name, _a, _b, ratio, what, target in rows:
+        scenario = "stream" if name.startswith("stream") else name.split(", ")[1].split(" ")[0]
+        print(
+            f'RESULT name=cache_server/{scenario} ratio={ratio:.3f} target=>={target} peer="{what}"'
+        )
     return 0 if ok else 1
 
 
