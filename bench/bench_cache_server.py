@@ -304,8 +304,10 @@ async def main_async(args: argparse.Namespace) -> int:
         mark = "ok" if ratio >= target else "BELOW"
         print(f"{name:<38} {a:>12,.0f} {b:>12,.0f} {ratio:>7.2f} {target:>6.1f}x  {what} ({mark})")
     print(bench_redis(n))
-    for name, _a, _b, ratio, what, target in rows:
-        scenario = "stream" if name.startswith("stream") else name.split(", ")[1].split(" ")[0]
+    for row in rows:
+        name, ratio, what, target = row[0], row[3], row[4], row[5]
+        words = name.split(" (")[0].split(", ")[-1].split()
+        scenario = ("get_row_" if "row" in name else "") + "_".join(words)  # get_row_8_in_flight
         print(
             f'RESULT name=cache_server/{scenario} ratio={ratio:.3f} target=>={target} peer="{what}"'
         )
