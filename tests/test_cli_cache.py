@@ -54,6 +54,7 @@ def cache_dir(tmp_path: Path) -> tuple[Path, dict[str, tg.CacheRef]]:
 def test_ls_shows_rows_with_their_refs_and_sizes(
     cache_dir: tuple[Path, dict[str, tg.CacheRef]], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """S4-4; seed L-1: every ref shows the size its repository recorded."""
     folder, refs = cache_dir
     assert main(["cache", "ls", str(folder)]) == 0
     out = capsys.readouterr().out
@@ -172,3 +173,37 @@ def test_other_namespaces_are_listed_on_request(
     assert "only.here" not in capsys.readouterr().out
     assert main(["cache", "ls", str(tmp_path / "c"), "--namespace", "tenant-a"]) == 0
     assert "only.here" in capsys.readouterr().out
+
+
+def test_rm_older_than_keeps_a_blob_a_newer_row_points_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    Seed M-5, S4-4: ``cache rm --older-than`` removes old rows, but a blob a newer row still
+    points to stays (the seed pruned blobs by age alone).
+    """
+    folder = tmp_path / "c"
+
+    async def fill() -> tg.CacheRef:
+        old = tg.FsOutputRepository(folder, clock=lambda: 1000.0)  # long ago
+        try:
+            ref = await old.save_output_stream("t.old", 1, "p", _chunks(b"s" * 5000))
+            await old.save_output("t.old", 1, {"p": ref})
+            await old.save_output("t.gone", 1, {"v": 1})
+        finally:
+            await old.aclose()
+        new = tg.FsOutputRepository(folder)  # now
+        try:
+            await new.save_output("t.new", 1, {"p": ref})  # shares the old blob
+        finally:
+            await new.aclose()
+        return ref
+
+    ref = trio.run(fill)
+    assert main(["cache", "rm", str(folder), "--older-than", "3600"]) == 0
+    assert "removed 2 rows" in capsys.readouterr().out
+    assert main(["cache", "ls", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "t.old" not in out
+    assert f"    {ref.ref}  4.88 KiB (5000 bytes)" in out  # kept: t.new points to it
+    assert out.splitlines()[-1] == "1 rows; 1 blobs, 4.88 KiB"
