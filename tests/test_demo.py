@@ -87,3 +87,8 @@ def test_demo_refuses_bad_sizes(argv: list[str], capsys: pytest.CaptureFixture[s
         main(["demo", *argv])
     assert exc.value.code == 2
     assert "size" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--input", str(tmp_path / "missing.bin")]) == 2
+    assert "no such file" in capsys.readouterr().err

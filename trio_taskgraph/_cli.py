@@ -37,6 +37,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if args.self_check:
         return self_check()
+    if args.input is not None and not args.input.is_file():
+        print(f"error: --input {args.input}: no such file", file=sys.stderr)
+        return 2
     options = DemoOptions(
         size=args.size,
         budget=args.budget,
