@@ -17,8 +17,10 @@ times::
 3. a run that misses the cache (another seed), cancelled halfway: the report checks that no
    temp file, no orphan blob, no parked sender or receiver and no extra task is left.
 
-Everything here goes through the public API; rich draws the progress (no hand-made terminal
-drawing), refreshed by a trio task (no thread of ours).
+The graph, the cache server and the checks use the public API, with one exception: the edge's
+`statistics()` are read from the channel behind the `BinaryInputStream` the consumer holds,
+which exposes none of its own yet. rich draws the progress (no hand-made terminal drawing),
+refreshed by a trio task (no thread of ours).
 """
 
 from __future__ import annotations
