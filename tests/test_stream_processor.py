@@ -117,15 +117,23 @@ async def test_stream_error_fails_with_the_cause_and_deletes_blobs() -> None:
     assert await sink.blobs() == 0
 
 
+@pytest.mark.parametrize("mode", ["pulled", "channel"])
 @pytest.mark.parametrize("fail_before", [True, False])
-async def test_failing_sink_fails_the_parked_producer_promptly(fail_before: bool) -> None:
+async def test_failing_sink_fails_the_parked_producer_promptly(
+    fail_before: bool, mode: str
+) -> None:
     """S6-44 (seed late HIGH 2): a sink that fails before reading, or after a few chunks,
     fails the producer with the sink's error even while the producer is parked on a full
-    budget: 10 MiB in 64 KiB chunks through a 1 MiB budget never hangs."""
+    budget: 10 MiB in 64 KiB chunks through a 1 MiB budget never hangs. ``pulled``: one sink
+    port, which pulls from the task; ``channel``: two sink ports, each fed through its own
+    byte-budget channel by a sink task."""
     sink = MemorySink(fail_before=fail_before, fail_after=None if fail_before else 3)
+    routes = {"a": BinaryRoute(sink=True, accumulate=False)}
+    if mode == "channel":
+        routes["b"] = BinaryRoute(sink=True, accumulate=False)
     processor = StreamProcessor(
         ports=PORTS,
-        routes={"a": BinaryRoute(sink=True, accumulate=False)},
+        routes=routes,
         sink=sink,
         edges={},
         high_water_bytes=1024 * 1024,
@@ -136,7 +144,8 @@ async def test_failing_sink_fails_the_parked_producer_promptly(fail_before: bool
     assert await sink.blobs() == 0
 
 
-async def test_sink_that_returns_early_fails_the_producer() -> None:
+@pytest.mark.parametrize("mode", ["pulled", "channel"])
+async def test_sink_that_returns_early_fails_the_producer(mode: str) -> None:
     """S6-44: a sink that returns a ref before the stream ended is an error, its blob goes."""
 
     class Early(MemorySink):
@@ -149,9 +158,12 @@ async def test_sink_that_returns_early_fails_the_producer() -> None:
             return await self.repo.save_output_stream("t", {}, port, first())
 
     sink = Early()
+    routes = {"a": BinaryRoute(sink=True, accumulate=False)}
+    if mode == "channel":
+        routes["b"] = BinaryRoute(sink=True, accumulate=False)
     processor = StreamProcessor(
         ports=PORTS,
-        routes={"a": BinaryRoute(sink=True, accumulate=False)},
+        routes=routes,
         sink=sink,
         edges={},
         high_water_bytes=10,
@@ -234,7 +246,7 @@ async def test_explicit_value_replays_to_edges_in_budget_chunks() -> None:
     assert sizes == [1000, 1000, 1000, 1000, 500]
 
 
-@pytest.mark.parametrize("where", ["sink", "edge"])
+@pytest.mark.parametrize("where", ["sink", "channel-sink", "edge"])
 async def test_cancel_while_parked(where: str) -> None:
     """S6-49: cancel the producer while it is parked on a full sink or edge channel: nothing
     stays parked, no blob is left."""
@@ -247,11 +259,14 @@ async def test_cancel_while_parked(where: str) -> None:
             raise AssertionError("unreachable")
 
     edge = StreamEdge.open("e", 10)
-    if where == "sink":
+    if where != "edge":
         sink = StuckSink()
+        routes = {"a": BinaryRoute(sink=True, accumulate=False)}
+        if where == "channel-sink":
+            routes["b"] = BinaryRoute(sink=True, accumulate=False)
         processor = StreamProcessor(
             ports=PORTS,
-            routes={"a": BinaryRoute(sink=True, accumulate=False)},
+            routes=routes,
             sink=sink,
             edges={},
             high_water_bytes=10,
@@ -265,7 +280,11 @@ async def test_cancel_while_parked(where: str) -> None:
         await trio.testing.wait_all_tasks_blocked()
         if where == "edge":
             assert edge.send_channel.statistics().parked_senders == 1
+        if where == "channel-sink":
+            assert processor._sinks["a"].send.statistics().parked_senders == 1
         nursery.cancel_scope.cancel()
+    if where == "channel-sink":
+        assert processor._sinks["a"].send.statistics().parked_senders == 0
     assert edge.send_channel.statistics().parked_senders == 0
     assert await sink.blobs() == 0
 
@@ -275,3 +294,40 @@ async def test_processor_requires_a_sink_for_sinking_routes() -> None:
     with pytest.raises(ValueError, match="no sink"):
         StreamProcessor(ports=PORTS, routes=SINK_BOTH, sink=None, edges={}, high_water_bytes=1)
     await trio.lowlevel.checkpoint()
+
+
+async def test_pulled_sink_gets_the_task_error_as_itself() -> None:
+    """S6-44, S6-49: in pulled mode a task error raised while the sink pulls is raised as
+    itself (not as the sink's wrapping), and the partial blob is never published."""
+
+    async def failing() -> AsyncIterator[tg.StreamEvent]:
+        yield tg.BinaryDelta("a", b"x" * 10)
+        yield tg.BinaryDelta("a", b"y" * 10)
+        raise KeyError("task broke")
+
+    sink = MemorySink()
+    processor = StreamProcessor(
+        ports=PORTS,
+        routes={"a": BinaryRoute(sink=True, accumulate=False)},
+        sink=sink,
+        edges={},
+        high_water_bytes=10,
+    )
+    with pytest.raises(KeyError, match="task broke"):
+        await processor.run(failing())
+    assert await sink.blobs() == 0
+
+
+async def test_a_sink_port_without_chunks_opens_no_sink() -> None:
+    """S6-5: a sink is opened at its port's first chunk; a port with none opens nothing."""
+    sink = MemorySink()
+    processor = StreamProcessor(
+        ports=PORTS,
+        routes={"a": BinaryRoute(sink=True, accumulate=False)},
+        sink=sink,
+        edges={},
+        high_water_bytes=10,
+    )
+    result = await processor.run(events_of(tg.TextDelta("t", "only text")))
+    assert sink.started == 0
+    assert result.stored_output() == {"t": "only text"}

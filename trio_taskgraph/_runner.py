@@ -41,8 +41,9 @@ Theory of operation:
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal, TypeAlias, cast, final
 
 import attrs
@@ -78,7 +79,7 @@ from ._stream_processor import StreamEdge, StreamProcessor
 from ._task import RunConfig, Task, TaskContext, TaskGraph, TaskProgress
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, AsyncIterator, Callable
+    from collections.abc import AsyncIterable, AsyncIterator
 
     from ._core._events import StreamEvent
     from ._core._graph import NodeSpec
@@ -130,7 +131,7 @@ class RunEvent:
 
 
 #: ``(RunEvent) -> None``: called synchronously; it must not block.
-RunListener: TypeAlias = "Callable[[RunEvent], None]"
+RunListener: TypeAlias = Callable[[RunEvent], None]
 
 
 @attrs.define(eq=False)
@@ -279,10 +280,13 @@ class _Run:
                 self.failures.append(failure)
                 assert self.scope is not None
                 self.scope.cancel()
-                self.emit(node, TaskStatus(state="failed", error=failure))
+                # A listener that raises here can't fail the node twice: its error is dropped.
+                with contextlib.suppress(Exception):
+                    self.emit(node, TaskStatus(state="failed", error=failure))
             except BaseException:
                 if node.started.is_set():
-                    self.emit(node, TaskStatus(state="cancelled"))
+                    with contextlib.suppress(Exception):
+                        self.emit(node, TaskStatus(state="cancelled"))
                 raise
         finally:
             # Invariant (S6-48): no consumer waits forever, no producer stays parked.
@@ -466,11 +470,12 @@ class _Run:
         modes = self._consumer_modes(node)
         routes = binary_routes(ports, cacheable=keyed, cache_streams=streams, consumer_modes=modes)
         # Invariant (S6-51): a port no sink stores and only streaming consumers read is not
-        # kept: its bytes went to the consumers (a pass-through never holds its payload).
+        # kept: its bytes went to the consumers (a pass-through never holds its payload). A
+        # keyed node without a sink keeps it: its row must hold the value (inline).
         edge_only = frozenset(
             port
             for port, route in routes.items()
-            if not route.sink and modes.get(port) == frozenset({"stream"})
+            if not keyed and not route.sink and modes.get(port) == frozenset({"stream"})
         )
         sink = None
         if streams:

@@ -5,25 +5,28 @@ Rules (spec/S6-runner.md):
 
 - Every event goes through `OutputAccumulator.feed` (S6-1 ... S6-8); the listener sees each
   accepted event, in order.
-- A binary chunk goes, in this order, to the port's cache sink (when its route says ``sink`` or
-  ``tee``) and then to every streaming edge of the port (S6-41), each through its own
-  byte-budget channel: the producer parks while any of them is full, so the bytes are never
-  all in memory (S6-42).
-- A sink is opened lazily at its port's first chunk: a task in the processor's nursery calls
-  the sink (``save_output_stream``) with the receive side of a byte channel. When the sink
-  fails, before or during reading, or returns before the stream ended, the processor is
-  cancelled and raises the sink's error: no producer is left parked (S6-44, the seed's late
-  HIGH 2).
+- A binary chunk goes to every streaming edge of the port (S6-41), each through its own
+  byte-budget channel, and to the port's cache sink when its route says ``sink`` or ``tee``:
+  the producer parks while any of them is full, so the bytes are never all in memory (S6-42).
+- A sink is opened lazily at its port's first chunk (S6-5). With *one* sink port the sink
+  pulls: ``save_output_stream`` iterates a generator that runs the task's stream up to its
+  next chunk for that port (no channel, no extra task switch per chunk). With several, each
+  port's sink runs in a task of the processor's nursery, reading the receive side of its own
+  byte channel. When a sink fails, before or during reading, or returns before the stream
+  ended, the processor raises the sink's error and nothing is left parked (S6-44, the seed's
+  late HIGH 2): a pulled stream simply stops being pulled and is closed; a channel-fed one
+  is cancelled.
 - A streaming edge whose consumer stopped reading (it closed its `BinaryInputStream`) is
   dropped: the producer keeps going for its other consumers.
 - Whatever ends the stream early (the task's error, a `StreamError`, a sink's error,
   cancellation), every blob a sink already returned is deleted under a shielded scope before
   the exception leaves (no orphan blob, S6-49).
 
-Theory of operation: `StreamProcessor.run(events)` opens one nursery; its body pulls events
-from the task, feeds them and routes the chunks; sink tasks live beside it. A failure anywhere
-is recorded and cancels the nursery; after it closes, the first recorded error is raised as
-itself (never an exception group).
+Theory of operation: `StreamProcessor.run(events)` either hands the stream to the one pulled
+sink, or opens one nursery whose body pulls events from the task, feeds them and routes the
+chunks, with sink tasks beside it. A failure anywhere is recorded and cancels the nursery;
+after it closes, the first recorded error is raised as itself (never an exception group; a
+task's error raised while a pulled sink iterates it comes out as itself, too).
 """
 
 from __future__ import annotations
@@ -42,7 +45,14 @@ from ._core._refs import CacheRef
 from ._errors import RepositoryError, StreamProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+    from collections.abc import (
+        AsyncGenerator,
+        AsyncIterable,
+        AsyncIterator,
+        Callable,
+        Mapping,
+        Sequence,
+    )
 
     from ._core._ports import PortSpec
 
@@ -210,9 +220,16 @@ class _OpenSink:
     send: ByteSendChannel[BytesLike]
     receive: ByteReceiveChannel[BytesLike]
     done: trio.Event = attrs.Factory(trio.Event)
-    ref: CacheRef | None = None
     error: BaseException | None = None
     ended: bool = False
+
+
+@attrs.define(eq=False)
+class _Driven:
+    """The state of a pulled sink's driver generator."""
+
+    done: bool = False
+    task_error: Exception | None = None
 
 
 #: The default listener: nothing to tell.
@@ -254,6 +271,7 @@ class StreamProcessor:
     _sinks: dict[str, _OpenSink] = attrs.field(factory=dict, init=False)
     _errors: list[BaseException] = attrs.field(factory=list, init=False)
     _streamed: list[CacheRef] = attrs.field(factory=list, init=False)
+    _refs: dict[str, CacheRef] = attrs.field(factory=dict, init=False)
     _scope: trio.CancelScope | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -287,12 +305,17 @@ class StreamProcessor:
         propagates; nothing is left parked.
         """
         try:
-            async with trio.open_nursery() as nursery:
-                self._scope = nursery.cancel_scope
-                try:
-                    await self._pump(events, nursery)
-                except Exception as exc:
-                    self._fail(exc)
+            async with aclosing(events) as stream:  # type: ignore[type-var]
+                pulled = self._pulled_port()
+                if pulled is not None:
+                    await self._run_pulled(stream, pulled)
+                else:
+                    async with trio.open_nursery() as nursery:
+                        self._scope = nursery.cancel_scope
+                        try:
+                            await self._pump(stream, nursery)
+                        except Exception as exc:
+                            self._fail(exc)
             if self._errors:
                 raise self._errors[0]
             result = self._accumulator.result()
@@ -303,10 +326,11 @@ class StreamProcessor:
                     discarded_sink_ports=result.discarded_sink_ports - self.edge_only,
                 )
             refs = {port: self._ref_of(port) for port in result.ref_ports}
-            discarded = [self._ref_of(port) for port in sorted(result.discarded_sink_ports)]
-            if discarded:
+            # Blobs no output points to: overridden by an explicit value (S6-6).
+            unused = [ref for port, ref in self._refs.items() if port not in result.ref_ports]
+            if unused:
                 assert self.sink is not None
-                for ref in discarded:
+                for ref in unused:
                     await self.sink.delete(ref)
                     self._streamed.remove(ref)
             await self._replay_explicit_values(result)
@@ -315,10 +339,75 @@ class StreamProcessor:
             raise
         return ProcessedStream(accumulated=result, refs=refs, streamed=tuple(self._streamed))
 
+    def _pulled_port(self) -> str | None:
+        # One sink port: the sink pulls the chunks straight from the task (no channel, no
+        # extra task switch per chunk). Several: one sink task and channel per port.
+        if self.sink is None:
+            return None
+        ports = [p for p, r in self.routes.items() if r.sink and p not in self.edge_only]
+        return ports[0] if len(ports) == 1 else None
+
+    async def _step(self, event: object) -> BytesLike | None:
+        """Feed one event, tell the listener, send a chunk to the edges; return a chunk the
+        sink must get (pulled mode), else None."""
+        route = self._accumulator.feed(event)
+        self.on_event(event)
+        if route == "error":
+            error = self._accumulator.error
+            raise StreamProtocolError("the task reported a StreamError") from error
+        if type(event) is BinaryDelta:
+            chunk = event.chunk
+            for edge in self.edges.get(event.port, ()):
+                await edge.send(chunk)
+            if route != "accumulated" and event.port not in self.edge_only:
+                return chunk
+        return None
+
+    async def _run_pulled(self, stream: AsyncIterator[object], port: str) -> None:
+        first: BytesLike | None = None
+        async for event in stream:
+            first = await self._step(event)
+            if first is not None:
+                break
+        if first is None:
+            return  # no chunk for the sink port: no sink is opened (S6-5)
+        state = _Driven()
+        assert self.sink is not None
+        try:
+            async with aclosing(self._drive(stream, first, state)) as chunks:
+                ref = await self.sink.save(port, chunks)
+        except Exception:
+            if state.task_error is not None:
+                raise state.task_error from None  # the task's own error, as itself
+            raise
+        if not isinstance(ref, CacheRef):
+            raise RepositoryError(
+                f"the cache sink of port {port!r} returned {type(ref).__name__}, not a CacheRef"
+            )
+        self._streamed.append(ref)
+        if not state.done:
+            raise RepositoryError(_STOPPED_EARLY.format(port=port))
+        self._refs[port] = ref
+
+    async def _drive(
+        self, stream: AsyncIterator[object], first: BytesLike, state: _Driven
+    ) -> AsyncGenerator[BytesLike, None]:
+        # The sink iterates this: each chunk it asks for runs the task up to its next chunk
+        # for the sink port. If the sink fails, it closes this generator (`iterate_closing`),
+        # and the task's stream is closed by `run`: nothing is left parked (S6-44).
+        try:
+            yield first
+            async for event in stream:
+                chunk = await self._step(event)
+                if chunk is not None:
+                    yield chunk
+        except Exception as exc:
+            state.task_error = exc
+            raise
+        state.done = True
+
     def _ref_of(self, port: str) -> CacheRef:
-        ref = self._sinks[port].ref
-        assert ref is not None  # every sink that ended without an error set its ref
-        return ref
+        return self._refs[port]  # every sink that ended without an error set its ref
 
     async def _delete_streamed(self) -> None:
         if not self._streamed or self.sink is None:
@@ -331,25 +420,24 @@ class StreamProcessor:
                     continue
         self._streamed.clear()
 
-    async def _pump(self, events: AsyncIterator[object], nursery: trio.Nursery) -> None:
+    async def _pump(self, stream: AsyncIterator[object], nursery: trio.Nursery) -> None:
         accumulator = self._accumulator
         emit = self.on_event
         edges = self.edges
         edge_only = self.edge_only
         try:
-            async with aclosing(events) as stream:  # type: ignore[type-var]
-                async for event in stream:
-                    route = accumulator.feed(event)
-                    emit(event)
-                    if route == "error":
-                        error = accumulator.error
-                        raise StreamProtocolError("the task reported a StreamError") from error
-                    if type(event) is BinaryDelta:
-                        chunk = event.chunk
-                        if route != "accumulated" and event.port not in edge_only:
-                            await self._send_to_sink(event.port, chunk, nursery)
-                        for edge in edges.get(event.port, ()):
-                            await edge.send(chunk)
+            async for event in stream:
+                route = accumulator.feed(event)
+                emit(event)
+                if route == "error":
+                    error = accumulator.error
+                    raise StreamProtocolError("the task reported a StreamError") from error
+                if type(event) is BinaryDelta:
+                    chunk = event.chunk
+                    if route != "accumulated" and event.port not in edge_only:
+                        await self._send_to_sink(event.port, chunk, nursery)
+                    for edge in edges.get(event.port, ()):
+                        await edge.send(chunk)
         except BaseException:
             # The stream did not end: a sink must not publish what it got so far, so its
             # reading end is closed under it (it fails with ClosedResourceError).
@@ -388,7 +476,7 @@ class StreamProcessor:
             self._streamed.append(ref)
             if not sink.ended:
                 raise RepositoryError(_STOPPED_EARLY.format(port=port))
-            sink.ref = ref
+            self._refs[port] = ref
         except Exception as exc:
             # Invariant (S6-44): a failing sink fails the producer promptly.
             sink.error = exc
