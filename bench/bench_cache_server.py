@@ -278,7 +278,7 @@ def bench_redis(n: int) -> str:
 
 async def main_async(args: argparse.Namespace) -> int:
     total = 64 * MiB if args.quick else 1024 * MiB
-    n = 2000 if args.quick else 20000
+    n = 2000 if args.quick else 8000
     pairs = args.pairs or (1 if args.quick else 3)
     folder = Path(tempfile.mkdtemp(prefix="tg-", dir=args.dir))
     try:

@@ -21,6 +21,7 @@ import trio.testing
 import trio_taskgraph as tg
 from trio_taskgraph._cache_server import CacheServer, prepare_socket_path
 from trio_taskgraph._core._codec import encode_frame, packb
+from trio_taskgraph._core._keys import input_digest as tg_input_digest
 from trio_taskgraph._core._messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -444,13 +445,14 @@ async def test_slow_reader_does_not_make_the_server_buffer_the_blob(tmp_path: Pa
                 if got == chunk:
                     # The server may now fill the whole window, and no more: wait until it
                     # has (its reads run in threads, so poll on the real clock), then check
-                    # that it holds at most the one chunk it cannot send yet.
+                    # that it holds at most the chunk it cannot send yet and the one it
+                    # read ahead.
                     await _wait_for(lambda: repo.statistics().buffered_bytes >= window)
-                    await _wait_for(lambda: server.statistics().buffered_bytes == chunk)
+                    await _wait_for(lambda: server.statistics().buffered_bytes == 2 * chunk)
                     assert repo.statistics().buffered_bytes == window
-                    assert server.statistics().buffered_bytes == chunk
+                    assert server.statistics().buffered_bytes == 2 * chunk
         assert got == 32 * MiB
-        assert server.statistics().peak_buffered_bytes <= max(base, window + chunk + 8192)
+        assert server.statistics().peak_buffered_bytes <= max(base, 2 * chunk + 8192)
         assert repo.statistics().peak_buffered_bytes <= window + chunk + 256 * 1024
 
 
@@ -686,3 +688,105 @@ async def test_welcome_announces_the_limits(server: ServerProcess) -> None:
         end = await raw.receive()
         assert isinstance(end, Data)
         assert end.end
+
+
+async def test_row_cache_never_serves_a_stale_row(server: ServerProcess) -> None:
+    """S5-15: writes and prunes through the server invalidate cached rows, on every connection."""
+    async with (
+        tg.connect_cache_server(server.socket_path, namespace="rows") as a,
+        tg.connect_cache_server(server.socket_path, namespace="rows") as b,
+    ):
+        assert await a.get_output("t", {"k": 1}) is None  # a cached miss
+        await b.save_output("t", {"k": 1}, {"v": 1})
+        assert await a.get_output("t", {"k": 1}) == {"v": 1}
+        assert await a.get_output("t", {"k": 1}) == {"v": 1}  # now from the cache
+        await b.save_output("t", {"k": 1}, {"v": 2})
+        assert await a.get_output("t", {"k": 1}) == {"v": 2}
+        assert await b.delete_by_task_type_prefix("t") == 1
+        assert await a.get_output("t", {"k": 1}) is None
+        await b.save_output("t", {"k": 1}, {"v": 3})
+        assert await a.get_output("t", {"k": 1}) == {"v": 3}
+        assert await b.clear_older_than(0.0) == 1
+        assert await a.get_output("t", {"k": 1}) is None
+
+        async def writer(i: int) -> None:
+            await b.save_output("race", {}, {"v": i})
+
+        for i in range(20):  # a read racing a write never caches the old row afterwards
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer, i)
+                nursery.start_soon(a.get_output, "race", {})
+            assert await a.get_output("race", {}) == {"v": i}
+
+
+async def test_a_cached_row_is_still_confined_to_its_tenant(server: ServerProcess) -> None:
+    """S5-11, S5-15: a row cached for one tenant is refused to a connection of another."""
+    async with tg.connect_cache_server(server.socket_path, namespace="owner") as owner:
+        await owner.save_output("t", {}, {"secret": 1})
+        assert await owner.get_output("t", {}) == {"secret": 1}  # cached now
+    digest = tg_input_digest({})
+    async with RawClient.connect(server.socket_path, namespace="thief") as raw:
+        await raw.send(GetOutput(id=1, ns="owner", task_type="t", digest=digest))
+        reply = await raw.receive()
+        assert isinstance(reply, Failed), reply
+        assert "outside" in reply.message
+
+
+# --- the seed's review findings, in this area --------------------------------------------
+
+
+async def test_upload_refused_before_reading_does_not_park_the_producer(tmp_path: Path) -> None:
+    """Seed late HIGH 2: a sink that fails before reading must not leave the producer parked."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_bytes(b"")
+    async with (
+        in_process_server(not_a_folder) as (_server, sock),
+        tg.connect_cache_server(sock) as repo,
+    ):
+        pulled = 0
+
+        async def endless() -> AsyncIterator[bytes]:
+            nonlocal pulled
+            while True:
+                pulled += 1
+                yield b"p" * 65536
+
+        with trio.fail_after(10), pytest.raises(tg.CacheServerError):
+            await repo.save_output_stream("t", {}, "p", endless())
+        # The window bounds what the producer could run ahead of the refusal.
+        assert pulled * 65536 <= repo.statistics().window + 2 * MiB
+        assert repo.statistics().requests == 0
+
+
+async def test_downloads_are_chunked_under_credit_whatever_was_uploaded(
+    server: ServerProcess,
+) -> None:
+    """Seed M-6: a blob saved as one huge chunk is read back in bounded chunks, with backpressure."""
+    async with tg.connect_cache_server(server.socket_path, namespace="m6") as repo:
+        data = bytes(range(256)) * (5 * 4096)  # 5 MiB in one chunk
+        ref = await repo.save_output_stream("t", {}, "p", _one(data))
+        # Seed L-1: the server's refs carry their size.
+        assert ref.size == len(data)
+        stats = await repo.server_stats()
+        sizes = []
+        async with repo.open_output_stream_by_ref(ref) as chunks:
+            async for piece in chunks:
+                sizes.append(len(piece))
+                assert repo.statistics().buffered_bytes <= stats.window
+        assert sum(sizes) == len(data)
+        assert max(sizes) <= stats.chunk_bytes
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def test_rows_keep_inline_binary_values_across_the_wire(server: ServerProcess) -> None:
+    """Seed H-1: a Blob or bytes inside a row crosses the process boundary intact, never as {}."""
+    async with tg.connect_cache_server(server.socket_path, namespace="h1") as repo:
+        row = {"image": tg.Blob(b"\x89PNG\r\n", "image/png"), "raw": b"\x00\x01"}
+        await repo.save_output("t", {}, row)
+        got = await repo.get_output("t", {})
+        assert got == row
+        assert isinstance(got["image"], tg.Blob)
+        assert got["image"].mime == "image/png"

@@ -75,7 +75,7 @@ from ._errors import CacheServerError, WireFormatError
 from ._repository._filesystem import FsOutputRepository
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from ._byte_channel import ByteReceiveChannel, ByteSendChannel
     from ._core._events import BytesLike
@@ -103,7 +103,7 @@ DEFAULT_MAX_IN_FLIGHT: Final = 256
 HANDSHAKE_TIMEOUT: Final = 10.0
 #: Seconds a connection-level error reply may take to send before the socket is just closed.
 _GOODBYE_TIMEOUT: Final = 1.0
-_RECEIVE_BYTES: Final = 256 * 1024
+_RECEIVE_BYTES: Final = 1024 * 1024
 
 
 @final
@@ -650,32 +650,64 @@ class _Connection:
         await self._reply(reply)
 
     async def _run_download(self, download: _Download, message: ReadStream) -> None:
-        server = self.server
-        chunk_bytes = server.chunk_bytes
         try:
             with download.scope:
                 try:
                     view = self._view(message.ns)
                     async with view.open_output_stream_by_ref(message.ref) as pieces:
                         await self.send(Ok(id=download.id, value=None))
-                        async for piece in pieces:
-                            server._add_buffered(len(piece))
-                            try:
-                                for start in range(0, len(piece), chunk_bytes):
-                                    part = piece[start : start + chunk_bytes]
-                                    # Invariant (S5-9): never send past the client's credit.
-                                    while download.credit < len(part):
-                                        await download.lot.park()
-                                    download.credit -= len(part)
-                                    await self.send(Data(id=download.id, data=part))
-                            finally:
-                                server._add_buffered(-len(piece))
+                        await self._stream_pieces(download, pieces)
                     reply: ServerMessage = Data(id=download.id, data=b"", end=True)
                 except Exception as exc:
                     reply = Failed(id=download.id, kind=error_kind(exc), message=str(exc))
                 await self.send(reply)
         finally:
             self._close(download.id)
+
+    async def _stream_pieces(self, download: _Download, pieces: AsyncIterator[bytes]) -> None:
+        """
+        Send ``pieces`` under the client's credit, reading the next piece from disk while
+        the current one goes out (so a thread hop per read does not stall the socket). At
+        most two pieces are held: the one being sent and the one read ahead.
+        """
+        server = self.server
+        chunk_bytes = server.chunk_bytes
+        send_piece, receive_piece = trio.open_memory_channel[bytes](0)
+        failure: list[Exception] = []
+
+        async def read_ahead() -> None:
+            async with send_piece:
+                try:
+                    async for piece in pieces:
+                        server._add_buffered(len(piece))
+                        try:
+                            await send_piece.send(piece)
+                        except BaseException:
+                            server._add_buffered(-len(piece))
+                            raise
+                except Exception as exc:
+                    failure.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_ahead)
+            async with receive_piece:
+                async for piece in receive_piece:
+                    try:
+                        for start in range(0, len(piece), chunk_bytes):
+                            part = (
+                                piece[start : start + chunk_bytes]
+                                if start or len(piece) > chunk_bytes
+                                else piece
+                            )
+                            # Invariant (S5-9): never send past the client's credit.
+                            while download.credit < len(part):
+                                await download.lot.park()
+                            download.credit -= len(part)
+                            await self.send(Data(id=download.id, data=part))
+                    finally:
+                        server._add_buffered(-len(piece))
+        if failure:
+            raise failure[0]
 
 
 class _CleanClose(Exception):
@@ -885,6 +917,7 @@ async def serve_cache_server(
     owned = repository is None
     if repository is None:
         repository = FsOutputRepository(root, read_chunk_bytes=chunk_bytes)
+        # (a read per chunk: a download holds at most two chunks, S5-9)
     sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
     try:
         await sock.bind(os.fspath(path))

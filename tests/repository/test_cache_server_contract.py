@@ -68,7 +68,10 @@ async def test_contract_direct(server: ServerProcess, check: str) -> None:
 
 @pytest.mark.parametrize("check", list(CONTRACT_CHECKS))
 async def test_contract_run_private(server: ServerProcess, check: str) -> None:
-    """S4-7 over the server: a run's namespace sits below the connection's (S5-11)."""
+    """
+    S4-7 over the server: a run's namespace sits below the connection's (S5-11); deletes are
+    forwarded (seed late HIGH 1) and refs are unique per write (seed late CRITICAL race).
+    """
     await check_output_repository(_run_private(server.socket_path), only=[check])  # type: ignore[arg-type]
 
 

@@ -357,6 +357,11 @@ def _timestamp_in(data: bytes, value: object) -> bool:
     return any(h in data for h in _TIMESTAMP_HEADERS) and _holds_timestamp(value)
 
 
+#: Types a value of a "flat" map may have: no containers, no msgpack Timestamp.
+_FLAT_TYPES: Final = frozenset({str, bytes, int, float, bool, type(None), CacheRef, Blob})
+_FLAT_MAP_ITEMS: Final = 32
+
+
 def _decode(data: bytes, limits: WireLimits) -> object:
     size = len(data)
     if size > limits.max_bytes:
@@ -388,8 +393,19 @@ def _decode(data: bytes, limits: WireLimits) -> object:
         raise
     except (ValueError, TypeError) as exc:
         raise _translate_unpack_error(exc) from None
-    # Invariant (S5-3): depth, checked exactly only when the cheap bound fails.
     max_depth = limits.max_depth
+    if (
+        type(value) is dict
+        and max_depth >= 1
+        and len(value) <= _FLAT_MAP_ITEMS
+        and all(type(k) is str for k in value)
+        and all(type(v) in _FLAT_TYPES for v in value.values())
+    ):
+        # A small map of str keys to scalars, bytes and our ext values (a protocol message
+        # carrying a chunk, say) is depth 1 and holds no timestamp: skip the byte scans
+        # below, which cost time in proportion to its binary payload (S5-3 still holds).
+        return value
+    # Invariant (S5-3): depth, checked exactly only when the cheap bound fails.
     if (
         size > max_depth
         and len(data.translate(None, _NOT_CONTAINER_HEADERS)) > max_depth

@@ -104,7 +104,7 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 DEFAULT_STARTUP_TIMEOUT: Final = 30.0
 #: Seconds between SIGTERM and SIGKILL when `open_cache_server` stops its child.
 DEFAULT_STOP_GRACE: Final = 5.0
-_RECEIVE_BYTES: Final = 256 * 1024
+_RECEIVE_BYTES: Final = 1024 * 1024
 
 _KINDS: Final[dict[str, type[Exception]]] = {
     "foreign_ref": ForeignRefError,
@@ -577,23 +577,40 @@ class CacheServerRepository:
                     SaveStream(id=request.id, ns=self._namespace, task_type=task_type, mime=mime)
                 )
                 step = conn.chunk_bytes
+                # Small chunks are gathered into frames of up to chunk_bytes: a frame costs
+                # a trip through the scheduler on both sides, whatever its size.
+                pending = bytearray()
+
+                async def send_part(part: BytesLike) -> None:
+                    # Invariant (S5-9): never send past the server's credit.
+                    size = len(part)
+                    while request.credit < size and not request.done:
+                        await request.lot.park()
+                    if not request.done:
+                        request.credit -= size
+                        await conn.send(ChunkMessage(id=request.id, data=part))  # type: ignore[arg-type]
+
                 async for chunk in chunks:
                     size = size_of_chunk(chunk)
+                    if request.done:
+                        break  # the server failed the upload: stop pulling chunks
                     if not size:
                         continue
-                    whole = type(chunk) is bytes and size <= step
+                    if not pending and size == step and type(chunk) is bytes:
+                        await send_part(chunk)  # already a whole frame: no copy
+                        continue
                     view = memoryview(chunk).cast("B")
-                    for start in range(0, size, step):
-                        part = chunk if whole else bytes(view[start : start + step])
-                        # Invariant (S5-9): never send past the server's credit.
-                        while request.credit < len(part) and not request.done:
-                            await request.lot.park()
-                        if request.done:
-                            break
-                        request.credit -= len(part)
-                        await conn.send(ChunkMessage(id=request.id, data=part))  # type: ignore[arg-type]
-                    if request.done:
-                        break
+                    offset = 0
+                    while offset < size and not request.done:
+                        take = min(step - len(pending), size - offset)
+                        pending += view[offset : offset + take]
+                        offset += take
+                        if len(pending) >= step:
+                            part, pending = pending, bytearray()
+                            await send_part(part)
+                if pending and not request.done:
+                    await send_part(pending)
+                    pending = bytearray()
                 if not request.done:
                     await conn.send(EndStream(id=request.id))
                     ended = True
