@@ -1,5 +1,5 @@
 """
-``python -m trio_taskgraph bench``: runs ``bench/bench_*.py`` and prints one table of ratios,
+S8-4, ``python -m trio_taskgraph bench``: runs ``bench/bench_*.py`` and prints one table of ratios,
 each with its peer. Scripts here are tiny stand-ins; the real ones are only checked to print
 the machine-readable line (they take minutes, so `make test` never runs them).
 """

@@ -54,7 +54,7 @@ def cache_dir(tmp_path: Path) -> tuple[Path, dict[str, tg.CacheRef]]:
 def test_ls_shows_rows_with_their_refs_and_sizes(
     cache_dir: tuple[Path, dict[str, tg.CacheRef]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """S4-4; seed L-1: every ref shows the size its repository recorded."""
+    """S8-2, S4-4; seed L-1: every ref shows the size its repository recorded."""
     folder, refs = cache_dir
     assert main(["cache", "ls", str(folder)]) == 0
     out = capsys.readouterr().out
@@ -72,6 +72,7 @@ def test_ls_shows_rows_with_their_refs_and_sizes(
 def test_stats_counts_rows_blobs_and_bytes(
     cache_dir: tuple[Path, dict[str, tg.CacheRef]], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """S8-1: stats opens the folder as one more repository."""
     folder, _ = cache_dir
     assert main(["cache", "stats", str(folder)]) == 0
     out = capsys.readouterr().out
@@ -83,7 +84,7 @@ def test_gc_removes_the_orphan_and_the_dead_writers_temp_file(
     cache_dir: tuple[Path, dict[str, tg.CacheRef]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """
-    S4-4, S4-5: gc keeps the blobs rows point to and removes the orphan; a dead writer's temp
+    S8-3, S4-4, S4-5: gc keeps the blobs rows point to and removes the orphan; a dead writer's temp
     file is gone too (opening the folder already sweeps it).
     """
     folder, _ = cache_dir
@@ -100,6 +101,7 @@ def test_gc_removes_the_orphan_and_the_dead_writers_temp_file(
 def test_rm_by_prefix_removes_rows_and_the_blobs_only_they_used(
     cache_dir: tuple[Path, dict[str, tg.CacheRef]], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """S8-3, S4-4: the prefix's rows go with the blobs only they pointed to."""
     folder, refs = cache_dir
     assert main(["cache", "rm", str(folder), "--prefix", "demo.r"]) == 0
     assert "removed 1 rows" in capsys.readouterr().out
@@ -113,6 +115,7 @@ def test_rm_by_prefix_removes_rows_and_the_blobs_only_they_used(
 def test_rm_by_ref_and_all(
     cache_dir: tuple[Path, dict[str, tg.CacheRef]], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """S8-3: one blob by its ref, then every row."""
     folder, refs = cache_dir
     assert main(["cache", "rm", str(folder), "--ref", refs["orphan"].ref]) == 0
     assert f"removed blob {refs['orphan'].ref}" in capsys.readouterr().out
@@ -126,7 +129,7 @@ def test_rm_by_ref_and_all(
 def test_rm_refuses_a_forged_ref_without_touching_a_file(
     cache_dir: tuple[Path, dict[str, tg.CacheRef]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """S4-6: a ref this folder did not issue is refused before any file is touched."""
+    """S8-3, S4-6: a ref this folder did not issue is refused before any file is touched."""
     folder, refs = cache_dir
     before = _published(folder)
     forged = refs["big"].ref[:-4] + "0000"
@@ -144,6 +147,7 @@ def test_rm_needs_exactly_one_valid_selector(
     capsys: pytest.CaptureFixture[str],
     extra: list[str],
 ) -> None:
+    """S8-3: none or several selectors (or a negative age) remove nothing."""
     folder, _ = cache_dir
     assert main(["cache", "rm", str(folder), *extra]) == 2
     assert "error:" in capsys.readouterr().err
@@ -154,6 +158,7 @@ def test_rm_needs_exactly_one_valid_selector(
 def test_a_folder_without_a_repository_is_refused_not_created(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """S8-1: a cache command never makes a cache."""
     missing = tmp_path / "nothing"
     assert main(["cache", "ls", str(missing)]) == 2
     assert "not a cache folder" in capsys.readouterr().err
@@ -163,6 +168,8 @@ def test_a_folder_without_a_repository_is_refused_not_created(
 def test_other_namespaces_are_listed_on_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """S8-2, S4-7: other namespaces are not listed unless asked for."""
+
     async def fill() -> None:
         repo = tg.FsOutputRepository(tmp_path / "c", namespace="tenant-a")
         await repo.save_output("only.here", 1, {"v": 1})
@@ -179,7 +186,7 @@ def test_rm_older_than_keeps_a_blob_a_newer_row_points_to(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """
-    Seed M-5, S4-4: ``cache rm --older-than`` removes old rows, but a blob a newer row still
+    S8-3, S4-4; seed M-5: ``cache rm --older-than`` removes old rows, but a blob a newer row still
     points to stays (the seed pruned blobs by age alone).
     """
     folder = tmp_path / "c"

@@ -25,7 +25,7 @@ def test_demo_at_8mib_shows_the_ref_row_the_peaks_and_a_clean_cancel(
     private_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """
-    S6-42, S6-45, S6-49 (and seed M-6): the row holds a ref, the edge stays within its
+    S8-5 (S6-42, S6-45, S6-49, S2-3; seed M-6): the row holds a ref, the edge stays within its
     budget, the hit replays the stored bytes, and the cancelled run leaves no temp file, no
     orphan blob, no parked sender or receiver and no task.
     """
@@ -63,7 +63,7 @@ def test_demo_at_8mib_shows_the_ref_row_the_peaks_and_a_clean_cancel(
 def test_demo_streams_a_file_and_keeps_the_cache_for_cache_ls(
     private_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--input FILE, --keep and --in-process: the kept folder is a cache `cache ls` reads."""
+    """S8-5, S8-2: --input FILE, --keep, --in-process; the kept folder is one `cache ls` reads."""
     source = private_tmp / "input.bin"
     source.write_bytes(bytes(range(256)) * 12_000)  # 3 MB
     assert main(["demo", "--input", str(source), "--keep", "--in-process"]) == 0

@@ -1,5 +1,5 @@
 """
-Every public name has a docstring (`python -m pydoc trio_taskgraph` reads well), and every
+S8-7: every public name has a docstring (`python -m pydoc trio_taskgraph` reads well), and every
 public async function or method says what cancellation leaves behind (STYLE.md, 8).
 """
 

@@ -1,5 +1,5 @@
 """
-The README never lies: every ``python`` block in it runs, as it is, in a fresh namespace
+S8-6, the README never lies: every ``python`` block in it runs, as it is, in a fresh namespace
 (its ``test_*`` coroutine functions are run too); every ``python -m trio_taskgraph ...`` line
 in its ``sh`` blocks parses; every relative link names a file that exists.
 """

@@ -1,7 +1,7 @@
 """
-``python -m trio_taskgraph bench [--quick]``: run every ``bench/bench_*.py`` script, one after
-the other, and print one table of the ratios they report, each with the peer it is measured
-against.
+``python -m trio_taskgraph bench [--quick]`` (spec/S8-cli-demo-docs.md, S8-4): run every
+``bench/bench_*.py`` script, one after the other, and print one table of the ratios they
+report, each with the peer it is measured against.
 
 Each script prints its own table, then one machine-readable line per figure it judges::
 

@@ -4,7 +4,8 @@
 
 Every command opens the folder as one more `FsOutputRepository` (several processes may share
 a folder: a running cache server keeps working), refuses a folder that holds no repository
-rather than creating one, and prints plain aligned text.
+rather than creating one, and prints plain aligned text. Rules: spec/S8-cli-demo-docs.md,
+S8-1 ... S8-3.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def run_cache_command(command: CacheCommand, *, out: TextIO | None = None) -> in
     raised.
     """
     stream = sys.stdout if out is None else out
+    # Invariant (S8-1): a cache command never makes a cache.
     if not (command.path / "rows.sqlite").is_file():
         print(f"error: {command.path} is not a cache folder (no rows.sqlite)", file=sys.stderr)
         return 2
@@ -147,6 +149,7 @@ async def _rm(repo: FsOutputRepository, command: CacheCommand, out: TextIO) -> i
         )
         if value is not None
     ]
+    # Invariant (S8-3): exactly one selector, or nothing is removed.
     if len(chosen) != 1:
         print(
             "error: cache rm needs exactly one of --prefix, --older-than, --ref, --all",

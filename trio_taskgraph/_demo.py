@@ -1,5 +1,6 @@
 """
-``python -m trio_taskgraph demo`` (what ``make demo`` runs): the library in one command.
+``python -m trio_taskgraph demo`` (what ``make demo`` runs): the library in one command
+(spec/S8-cli-demo-docs.md, S8-5).
 
 It starts a cache server as a child process over a temp folder and runs one real graph three
 times::

@@ -21,7 +21,7 @@ async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
 
 
 async def test_rows_list_their_refs_and_sizes_oldest_first(tmp_path: Path) -> None:
-    """S4-4: each row lists the refs it holds and the recorded size of the blobs they name."""
+    """S8-2, S4-4: each row lists its refs and the recorded size of the blobs they name."""
     now = [1000.0]
     repo = tg.FsOutputRepository(tmp_path / "c", clock=lambda: now[0])
     try:
@@ -46,7 +46,7 @@ async def test_rows_list_their_refs_and_sizes_oldest_first(tmp_path: Path) -> No
 
 
 async def test_prefix_filter_is_literal_and_namespaces_are_separate(tmp_path: Path) -> None:
-    """S4-7: a view sees only its namespace; the prefix is literal (no LIKE wildcards)."""
+    """S8-2, S4-7: a view sees only its namespace; the prefix is literal (no LIKE wildcards)."""
     repo = tg.FsOutputRepository(tmp_path / "c")
     other = repo.with_namespace("tenant-b")
     try:
@@ -63,6 +63,7 @@ async def test_prefix_filter_is_literal_and_namespaces_are_separate(tmp_path: Pa
 
 
 async def test_a_closed_repository_refuses_to_list(tmp_path: Path) -> None:
+    """S4-8: a closed repository raises `RepositoryError`."""
     repo = tg.FsOutputRepository(tmp_path / "c")
     await repo.aclose()
     with pytest.raises(tg.RepositoryError, match="closed"):
@@ -70,7 +71,7 @@ async def test_a_closed_repository_refuses_to_list(tmp_path: Path) -> None:
 
 
 async def test_list_rows_is_a_checkpoint(tmp_path: Path) -> None:
-    """STYLE 8: a public async method is a checkpoint on every call."""
+    """S8-2 (STYLE 8): a public async method is a checkpoint on every call."""
     repo = tg.FsOutputRepository(tmp_path / "c")
     try:
         await repo.save_output("t", 1, {"v": 1})
@@ -81,7 +82,7 @@ async def test_list_rows_is_a_checkpoint(tmp_path: Path) -> None:
 
 
 async def test_cancelled_list_leaves_the_repository_usable(tmp_path: Path) -> None:
-    """Cancellation: a read-only query; cancelled while parked on the database lock."""
+    """S8-2: a read-only query, cancelled while parked on the database lock, leaves nothing."""
     repo = tg.FsOutputRepository(tmp_path / "c")
     try:
         await repo.save_output("t", 1, {"v": 1})
