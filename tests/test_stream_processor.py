@@ -10,9 +10,10 @@ from collections.abc import AsyncIterable, AsyncIterator
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings, strategies as st
 
 import trio_taskgraph as tg
-from trio_taskgraph._core._accumulate import BinaryRoute
+from trio_taskgraph._core._accumulate import BinaryRoute, OutputAccumulator
 from trio_taskgraph._core._events import BytesLike
 from trio_taskgraph._stream_processor import StreamEdge, StreamProcessor
 
@@ -331,3 +332,62 @@ async def test_a_sink_port_without_chunks_opens_no_sink() -> None:
     result = await processor.run(events_of(tg.TextDelta("t", "only text")))
     assert sink.started == 0
     assert result.stored_output() == {"t": "only text"}
+
+
+_ROUTES = st.sampled_from(
+    [
+        None,
+        BinaryRoute(sink=False, accumulate=True),
+        BinaryRoute(sink=True, accumulate=False),
+        BinaryRoute(sink=True, accumulate=True),
+    ]
+)
+_EVENT = st.one_of(
+    st.builds(tg.BinaryDelta, st.sampled_from(["a", "b"]), st.binary(max_size=40)),
+    st.builds(tg.TextDelta, st.just("t"), st.text(max_size=5)),
+)
+
+
+@settings(max_examples=40)
+@given(
+    route_a=_ROUTES,
+    route_b=_ROUTES,
+    events=st.lists(_EVENT, max_size=12),
+    finish=st.one_of(st.none(), st.fixed_dictionaries({}, optional={"a": st.binary(max_size=8)})),
+    budget=st.integers(1, 64),
+)
+async def test_processor_agrees_with_the_accumulator(
+    route_a: BinaryRoute | None,
+    route_b: BinaryRoute | None,
+    events: list[tg.StreamEvent],
+    finish: dict[str, object] | None,
+    budget: int,
+) -> None:
+    """S6-1 ... S6-6, S6-42: whatever the routes and budget, the processor's output is the
+    pure accumulator's, every sunk port's blob holds exactly its chunks, and no blob is left
+    that the output does not point to."""
+    routes = {p: r for p, r in (("a", route_a), ("b", route_b)) if r is not None}
+    stream = [*events, *([tg.Finish(finish)] if finish is not None else [])]
+    oracle = OutputAccumulator(PORTS, routes)
+    for event in stream:
+        oracle.feed(event)
+    expected_out = oracle.result()
+    sink = MemorySink()
+    processor = StreamProcessor(
+        ports=PORTS,
+        routes=routes,
+        sink=sink if any(r.sink for r in routes.values()) else None,
+        edges={},
+        high_water_bytes=budget,
+    )
+    result = await processor.run(events_of(*stream))
+    assert result.accumulated == expected_out
+    stored = result.stored_output()
+    for port in expected_out.ref_ports:
+        ref = stored[port]
+        assert isinstance(ref, tg.CacheRef)
+        chunks = [
+            bytes(e.chunk) for e in events if isinstance(e, tg.BinaryDelta) and e.port == port
+        ]
+        assert await sink.repo.get_output_by_ref(ref) == b"".join(chunks)
+    assert await sink.blobs() == len(expected_out.ref_ports)

@@ -1,6 +1,6 @@
 """
 The runner: `run_graph` and `run_task`, a thin trio shell over the graph model and the cache
-policy (spec/S6-runner.md, S6-40 ... S6-50).
+policy (spec/S6-runner.md, S6-40 ... S6-54).
 
 Theory of operation:
 
@@ -19,8 +19,11 @@ Theory of operation:
   cache. A streamed input enters the key as its provenance (source task type, source key,
   source port), never as bytes; from an unkeyed source it enters as a run-unique name, so the
   row is saved (keeping its blobs alive) but never looked up (S6-52).
-- A binary port that no sink stores and only streaming consumers read is not accumulated:
-  its bytes went to the consumers (S6-51).
+- A binary port of an unkeyed node that only streaming consumers read is not accumulated:
+  its bytes went to the consumers (S6-51). A value given at a streamed input arrives as a
+  `BinaryInputStream` too (S6-54).
+- A graph where a streaming producer would wait for a consumer that waits for it is refused
+  before anything starts (S6-53).
 - A keyed node looks its row up first (S6-45): a usable row with no dangling ref is a hit; the
   task is skipped, refs replay as `BinaryDelta` chunks to streaming consumers under their
   budget (S6-24) and hydrate for materialising ones. Otherwise the task runs: its stream goes
