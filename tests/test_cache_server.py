@@ -790,3 +790,18 @@ async def test_rows_keep_inline_binary_values_across_the_wire(server: ServerProc
         assert got == row
         assert isinstance(got["image"], tg.Blob)
         assert got["image"].mime == "image/png"
+
+
+async def test_a_cancelled_reader_gets_cancelled_even_with_chunks_waiting(
+    server: ServerProcess,
+) -> None:
+    """S4-8, S5-9: __anext__ is a cancellation point even when a chunk is already buffered."""
+    async with tg.connect_cache_server(server.socket_path, namespace="cancel-read") as repo:
+        ref = await repo.save_output_stream("t", {}, "p", _chunks(4, 100_000))
+        async with repo.open_output_stream_by_ref(ref) as chunks:
+            await _wait_for(lambda: repo.statistics().buffered_bytes > 0)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await chunks.__anext__()
+            assert scope.cancelled_caught
+            assert len(await chunks.__anext__()) == 400_000, "the chunk is still there"

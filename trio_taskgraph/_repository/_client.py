@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Final, final
 import attrs
 import trio
 
-from .._cache_server import CacheServerStatistics
+from .._cache_server import CacheServerStatistics, widen_send_buffer
 from .._core._codec import CLOSED, NEED_DATA, FrameDecoder
 from .._core._keys import check_namespace, input_digest
 from .._core._messages import (
@@ -387,6 +387,9 @@ class _Download:
         if self.closed:
             await trio.lowlevel.checkpoint()
             raise RepositoryError("the blob stream was used after its `async with` block")
+        # A cancelled reader gets Cancelled, even when a chunk is already here (the credit
+        # send below is shielded, so it would not raise).
+        await trio.lowlevel.checkpoint_if_cancelled()
         while not request.chunks and not request.ended and not request.done:
             await request.lot.park()
         if request.chunks:
@@ -898,6 +901,7 @@ async def connect_cache_server(
         stream = await trio.open_unix_socket(path)
     except OSError as exc:
         raise CacheServerError(f"cannot connect to the cache server at {path!r}: {exc}") from None
+    widen_send_buffer(stream)
     conn = _Connection(stream, path, namespace)
     try:
         try:
