@@ -89,11 +89,11 @@ def test_runs_every_script_and_reports_failures(
     assert "quick" in out
     table = out[out.index("ratios measured") :].splitlines()
     rows = {line.split()[0]: line for line in table[2:]}
-    assert re.search(r"0\.97\s+>=0\.95\s+yes\s+the peer$", rows["good/a"])
-    assert re.search(r"1\.50\s+<=1\.2\s+NO\s+other$", rows["good/b"])
+    assert re.search(r"0\.970\s+>=0\.95\s+yes\s+the peer$", rows["good/a"])
+    assert re.search(r"1\.500\s+<=1\.2\s+NO\s+other$", rows["good/b"])
     assert rows["silent"].endswith("printed no RESULT line")
     assert rows["crash"].endswith("exited with 3")
-    assert re.search(r"0\.50\s+>=0\.9\s+NO\s+p$", rows["missed"])
+    assert re.search(r"0\.500\s+>=0\.9\s+NO\s+p$", rows["missed"])
     assert "exited" not in rows["missed"]  # a missed target is not a failed script
     assert "helper" not in out
 
@@ -111,10 +111,10 @@ def test_table_shows_absolute_figures_with_their_unit() -> None:
         BenchResult(name="chan", ratio=0.5, target=">=0.95", peer="trio"),
     ]
     lines = format_table(results)
-    assert re.search(r"12\.50 MiB\s+<=32 MiB\s+yes\s+absolute$", lines[1])
+    assert re.search(r"12\.5 MiB\s+<=32 MiB\s+yes\s+absolute$", lines[1])
     assert format_markdown(results)[2:] == [
-        "| `repo/rss` | 12.50 MiB | ≤ 32 MiB | yes | absolute |",
-        "| `chan` | 0.50 | ≥ 0.95 | **no** | trio |",
+        "| `repo/rss` | 12.5 MiB | ≤ 32 MiB | yes | absolute |",
+        "| `chan` | 0.500 | ≥ 0.95 | **no** | trio |",
     ]
 
 

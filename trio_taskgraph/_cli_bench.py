@@ -184,13 +184,20 @@ def run_benches(
     return results
 
 
+def _figure(r: BenchResult) -> str:
+    # Three decimals for ratios, so 0.897 against a target of 0.9 does not print as 0.90.
+    if math.isnan(r.ratio):
+        return "-"
+    return f"{r.ratio:.1f} {r.unit}" if r.unit else f"{r.ratio:.3f}"
+
+
 def format_table(results: Sequence[BenchResult]) -> list[str]:
     """One line per figure: name, ratio, target, met or not, peer."""
     width = max([len("benchmark"), *(len(r.name) for r in results)])
     lines = [f"{'benchmark':<{width}}  {'ratio':>9}  {'target':>9}  {'ok':<3} peer"]
     for r in results:
         unit = f" {r.unit}" if r.unit else ""
-        ratio = "-" if math.isnan(r.ratio) else f"{r.ratio:.2f}{unit}"
+        ratio = _figure(r)
         ok = "yes" if r.ok else ("-" if not r.target else "NO")
         lines.append(f"{r.name:<{width}}  {ratio:>9}  {r.target + unit:>9}  {ok:<3} {r.peer}")
     return lines
@@ -201,7 +208,7 @@ def format_markdown(results: Sequence[BenchResult]) -> list[str]:
     lines = ["| benchmark | ratio | target | met | measured against |", "|---|---:|---:|:-:|---|"]
     for r in results:
         unit = f" {r.unit}" if r.unit else ""
-        ratio = "-" if math.isnan(r.ratio) else f"{r.ratio:.2f}{unit}"
+        ratio = _figure(r)
         ok = "yes" if r.ok else ("-" if not r.target else "**no**")
         target = r.target.replace(">=", "≥ ").replace("<=", "≤ ") + unit
         lines.append(f"| `{r.name}` | {ratio} | {target} | {ok} | {r.peer} |")
