@@ -121,6 +121,9 @@ def main() -> None:
     for name, ours_gbs, base_gbs, ratio, target in rows:
         ok = "yes" if ratio >= target else "NO"
         print(f"{name:<12}{ours_gbs:>12.2f}{base_gbs:>12.2f}{ratio:>8.2f}{target:>8.2f}  {ok}")
+    for name, _ours_gbs, _base_gbs, ratio, target in rows:
+        peer = "list + b''.join" if name == "accumulate" else "memory channel hop summing len()"
+        print(f'RESULT name=accumulate/{name} ratio={ratio:.3f} target=>={target} peer="{peer}"')
 
 
 if __name__ == "__main__":

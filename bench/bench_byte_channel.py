@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'cpu ratio':>9} {'peak MiB':>9} {'bound MiB':>10}"
     )
     ok = True
+    results: list[str] = []
     for size, slow in rows:
         chunk = bytes(size)
         count = max(1, total // size)
@@ -167,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{label:>10} {raw:>14,.0f} {byte:>14,.0f} {ratio:>7.3f} {cpu_ratio:>9.3f} "
             f"{peak / MIB:>9.2f} {bound / MIB:>10.2f}{flag}"
         )
+        if size == TARGET_CHUNK and not slow:
+            results.append(
+                f"RESULT name=byte_channel/{label} ratio={ratio:.3f} target=>={TARGET} "
+                'peer="trio.open_memory_channel, same bound in items"'
+            )
+    for line in results:
+        print(line)
     if not ok:
         print("peak buffered bytes exceeded the bound!")
         return 1

@@ -312,6 +312,13 @@ async def main_async(args: argparse.Namespace) -> int:
         "Streams: each MiB is copied four times between disk and caller (read, socket in, socket\n"
         "out, msgpack's bin) against once in-process; a raw chunk frame type would save one."
     )
+    for row in rows:
+        name, ratio, what, target = row[0], row[3], row[4], row[5]
+        words = name.split(" (")[0].split(", ")[-1].split()
+        scenario = ("get_row_" if "row" in name else "") + "_".join(words)  # get_row_8_in_flight
+        print(
+            f'RESULT name=cache_server/{scenario} ratio={ratio:.3f} target=>={target} peer="{what}"'
+        )
     return 0 if ok else 1
 
 

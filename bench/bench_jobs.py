@@ -97,6 +97,10 @@ async def main(jobs: int, rounds: int) -> float:
         f"ratio queue/bare: {ratio:.2f} (per-round min {min(ratios):.2f}, "
         f"max {max(ratios):.2f}); target >= {TARGET}: {verdict}"
     )
+    print(
+        f"RESULT name=jobs/throughput ratio={ratio:.3f} target=>={TARGET} "
+        'peer="bare nursery.start_soon behind CapacityLimiter(8)"'
+    )
     return ratio
 
 

@@ -219,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{'met' if ratio_ok else 'MISSED'}); peak RSS growth {max(ours_rss) / MIB:.1f} MiB "
         f"(target <= {TARGET_RSS // MIB} MiB: {'met' if rss_ok else 'MISSED'})"
     )
+    print(
+        f"RESULT name=pipeline/throughput ratio={ratio:.3f} target=>={TARGET_RATIO} "
+        'peer="bare open_byte_channel into a plain file write"'
+    )
+    print(
+        f"RESULT name=pipeline/rss_growth ratio={max(ours_rss) / MIB:.1f} "
+        f'target=<={TARGET_RSS // MIB} unit=MiB peer="absolute: peak RSS growth of our run"'
+    )
     return 0 if ratio_ok and rss_ok else 1
 
 

@@ -238,6 +238,11 @@ async def run(dsn: str, total: int, pairs: int) -> None:
             verdict = f"(target >= {target}x: {'ok' if ratio >= target else 'BELOW TARGET'})"
         print(f"{name:<6} {mib / ours:>10.1f} {mib / bare:>10.1f} {ratio:>7.2f}x  {verdict}")
         print(f"{'':<6} per pair: " + ", ".join(f"{p[1] / p[0]:.2f}x" for p in pairs_))
+        if target is not None:
+            print(
+                f"RESULT name=postgres/{name} ratio={ratio:.3f} target=>={target} "
+                'peer="bare psycopg large-object write"'
+            )
 
     print(f"{mib:.0f} MiB in {CHUNK // 1024} KiB chunks, {pairs} alternating pairs, one server")
     print(f"{'':<6} {'ours MiB/s':>10} {'bare MiB/s':>10} {'ratio':>8}")
@@ -246,6 +251,10 @@ async def run(dsn: str, total: int, pairs: int) -> None:
     small = statistics.median(small_writes)
     print(f"bare write with one lowrite per 64 KiB chunk: {mib / small:.1f} MiB/s (context)")
     print(f"peak RSS growth while streaming: {rss:.1f} MiB (target < 32 MiB)")
+    print(
+        f"RESULT name=postgres/rss_growth ratio={rss:.1f} target=<=32 unit=MiB "
+        'peer="RSS before the stream"'
+    )
     gib = total / 2**30
     print(
         "client CPU per GiB written (this process, all threads): "

@@ -175,6 +175,12 @@ async def run(total: int, pairs: int, folder: Path) -> None:
             f"{name:<6} {gib / ours:>9.2f} {gib / plain:>9.2f} {ratio:>7.2f}x"
             f"  (target >= {target}x: {verdict})"
         )
+        peer = "open/write/fsync/rename in a thread" if name == "write" else "f.read(1 MiB) loop"
+        results.append(
+            f'RESULT name=repository/{name} ratio={ratio:.3f} target=>={target} peer="{peer}"'
+        )
+
+    results: list[str] = []
 
     print(f"{total / 2**20:.0f} MiB in {CHUNK // 1024} KiB chunks, {pairs} alternating pairs")
     print(f"{'':<6} {'ours GiB/s':>9} {'plain GiB/s':>9} {'ratio':>8}")
@@ -182,6 +188,12 @@ async def run(total: int, pairs: int, folder: Path) -> None:
     row("read", reads, 0.8)
     verdict = "ok" if rss < 32 else "ABOVE TARGET"
     print(f"peak RSS growth while streaming: {rss:.1f} MiB (target < 32 MiB: {verdict})")
+    for line in results:
+        print(line)
+    print(
+        f"RESULT name=repository/rss_growth ratio={rss:.1f} target=<=32 unit=MiB "
+        f'peer="absolute: peak RSS growth streaming {gib:.3g} GiB"'
+    )
 
 
 def main() -> None:

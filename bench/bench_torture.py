@@ -82,6 +82,10 @@ async def measure(pairs: int, items: int, workers: int, campaign_points: int) ->
         f"campaign: {report.points_exercised} cancel points in {campaign:.2f}s "
         f"= {report.points_exercised / campaign:.0f} points/s"
     )
+    print(
+        f"RESULT name=torture/instrumented ratio={ratio:.3f} target=<={TARGET_RATIO} "
+        'peer="the same scenario run bare (cost: lower is better)"'
+    )
 
 
 def main() -> None:

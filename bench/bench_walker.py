@@ -173,6 +173,7 @@ def main() -> int:
     )
     print("(x bare: median over rounds of time / that round's bare visit; then min / min)")
     ok = True
+    results: list[str] = []
     for name, values in timings.items():
         med = statistics.median(values)
         ratio = statistics.median(v / b for v, b in zip(values, timings["bare visit"], strict=True))
@@ -186,6 +187,14 @@ def main() -> int:
         print(
             f"{name:<28} {med * 1000:>10.2f} {ratio:>8.2f} {low * 1000:>8.2f} {low_ratio:>7.2f} {mark:>10}"
         )
+        if target is not None:
+            scenario = "no_refs" if "no refs" in name else "1000_refs"
+            results.append(
+                f"RESULT name=walker/{scenario} ratio={ratio:.3f} target=<={target} "
+                'peer="bare iterative visit (time: lower is better)"'
+            )
+    for line in results:
+        print(line)
     return 0 if ok else 1
 
 

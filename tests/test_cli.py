@@ -19,7 +19,7 @@ from trio_taskgraph._cli import main
 
 
 def test_demo_self_check_passes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 0
+    assert main(["demo", "--self-check"]) == 0
     out = capsys.readouterr().out
     assert "self-check: ok" in out
     assert "typo 'Blob' refused" in out

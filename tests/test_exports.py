@@ -105,6 +105,8 @@ EXPECTED_PUBLIC = {
     "SubscriberOverflowError",
     # scale-out on PostgreSQL (issue 11)
     "PostgresOutputRepository",
+    # demo, CLI and docs (issue 9)
+    "RowInfo",
 }
 
 

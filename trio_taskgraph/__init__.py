@@ -101,6 +101,9 @@ from ._repository._client import (
 
 # scale-out on PostgreSQL (issue 11; psycopg is imported lazily, on first use)
 from ._repository._postgres import PostgresOutputRepository as PostgresOutputRepository
+from ._repository._protocol import (  # demo, CLI and docs (issue 9)
+    RowInfo as RowInfo,
+)
 
 # refs and the ref walker (issue 4)
 from ._resolve import (
@@ -228,6 +231,8 @@ __all__ = [
     "SubscriberOverflowError",
     # scale-out on PostgreSQL (issue 11)
     "PostgresOutputRepository",
+    # demo, CLI and docs (issue 9)
+    "RowInfo",
 ]
 
 

@@ -225,7 +225,11 @@ class MemoryJobStore:
         return len(self._records)
 
     async def flush(self) -> None:
-        """Nothing is buffered. A checkpoint."""
+        """
+        Nothing is buffered. A checkpoint.
+
+        Cancellation: nothing to leave behind.
+        """
         await trio.lowlevel.checkpoint()
 
 

@@ -71,6 +71,7 @@ class PortSpec:
 
     @property
     def is_binary(self) -> bool:
+        """True for an ``"x-stream": "binary"`` port."""
         return self.stream_mode == "binary"
 
 

@@ -8,6 +8,7 @@ from ._protocol import (
     NamespacedRepository as NamespacedRepository,
     OutputRepository as OutputRepository,
     RepositoryStats as RepositoryStats,
+    RowInfo as RowInfo,
 )
 from ._run_private import RunPrivateRepository as RunPrivateRepository
 
@@ -19,5 +20,6 @@ __all__ = [
     "NamespacedRepository",
     "OutputRepository",
     "RepositoryStats",
+    "RowInfo",
     "RunPrivateRepository",
 ]

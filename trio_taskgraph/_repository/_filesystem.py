@@ -54,13 +54,14 @@ from .._errors import DanglingRefError, RepositoryError
 from ._common import (
     check_mime,
     check_task_type,
+    collect_refs,
     decode_row,
     encode_row,
     iterate_closing,
     row_blob_names,
     write_behind,
 )
-from ._protocol import DEFAULT_GC_MIN_AGE, GcReport, RepositoryStats
+from ._protocol import DEFAULT_GC_MIN_AGE, GcReport, RepositoryStats, RowInfo
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
@@ -839,6 +840,54 @@ class FsOutputRepository:
             return RepositoryStats(rows=rows, blobs=blobs, bytes=size)
 
         return await self._db(count)
+
+    async def list_rows(self, *, task_type_prefix: str = "") -> list[RowInfo]:
+        """
+        List this namespace's rows, oldest first: task type, input digest, age, encoded
+        size, the refs each row holds and the recorded size of the blobs it points to.
+
+        Args:
+            task_type_prefix: only rows whose task type starts with this (literally).
+
+        Raises:
+            TypeError: ``task_type_prefix`` is not a str.
+            RepositoryError: the repository is closed, the database failed, or a row is
+                corrupt.
+
+        Cancellation: nothing to leave behind (a read-only query).
+        """
+        if not isinstance(task_type_prefix, str):
+            raise TypeError("task_type_prefix must be a str")
+        await self._enter()
+        ns = self._namespace
+        prefix = task_type_prefix
+
+        def query(conn: sqlite3.Connection) -> list[tuple[str, str, float, bytes, int]]:
+            return [
+                (task_type, digest, created, bytes(data), blob_bytes)
+                for task_type, digest, created, data, blob_bytes in conn.execute(
+                    "SELECT r.task_type, r.digest, r.created, r.data, ("
+                    " SELECT coalesce(sum(b.size), 0) FROM row_blobs rb JOIN blobs b"
+                    " ON b.name = rb.name AND b.ns = rb.ns"
+                    " WHERE rb.ns = r.ns AND rb.task_type = r.task_type AND rb.digest = r.digest"
+                    ") FROM rows r WHERE r.ns = ? AND substr(r.task_type, 1, length(?)) = ?"
+                    " ORDER BY r.created, r.task_type, r.digest",
+                    (ns, prefix, prefix),
+                ).fetchall()
+            ]
+
+        found = await self._db(query)
+        return [
+            RowInfo(
+                task_type=task_type,
+                digest=digest,
+                created=created,
+                row_bytes=len(data),
+                refs=tuple(collect_refs(decode_row(data))),
+                blob_bytes=blob_bytes,
+            )
+            for task_type, digest, created, data, blob_bytes in found
+        ]
 
     async def gc(self, *, min_age: float = DEFAULT_GC_MIN_AGE) -> GcReport:
         """

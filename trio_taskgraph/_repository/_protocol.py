@@ -29,6 +29,7 @@ __all__ = [
     "NamespacedRepository",
     "OutputRepository",
     "RepositoryStats",
+    "RowInfo",
 ]
 
 #: `gc` leaves unreferenced blobs younger than this many seconds alone by default: a
@@ -69,6 +70,29 @@ class GcReport:
     blobs: int = 0
     bytes: int = 0
     temp_files: int = 0
+
+
+@final
+@attrs.frozen(kw_only=True)
+class RowInfo:
+    """
+    One stored row, as a listing (`FsOutputRepository.list_rows`) reports it.
+
+    Attributes:
+        task_type: the task type the row belongs to.
+        digest: the SHA-256 (hex) of the row's canonical inputs (S4-1).
+        created: when the row was saved (the repository's clock, seconds).
+        row_bytes: the size of the encoded row; small when big results are refs.
+        refs: every `CacheRef` the row holds, in the order found.
+        blob_bytes: the recorded size of the blobs of this namespace the row points to.
+    """
+
+    task_type: str
+    digest: str
+    created: float
+    row_bytes: int
+    refs: tuple[CacheRef, ...] = ()
+    blob_bytes: int = 0
 
 
 @runtime_checkable
