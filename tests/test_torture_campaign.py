@@ -537,3 +537,180 @@ async def _run_campaign(case: RunCase, scenario: RunScenario, timeout: float) ->
         cancel_timeout=timeout,
     )
     assert report.steps > 5
+
+
+# --- cache-server repositories (S4, S5) ------------------------------------------------------
+
+
+async def _chunks(n: int, size: int, fill: int) -> AsyncIterator[bytes]:
+    for i in range(n):
+        await trio.lowlevel.checkpoint()
+        yield bytes([(fill + i) % 256]) * size
+
+
+def _expected(n: int, size: int, fill: int) -> bytes:
+    return b"".join(bytes([(fill + i) % 256]) * size for i in range(n))
+
+
+@attrs.frozen
+class ServerCase:
+    op: str  # "save", "read", "delete", "prune"
+    chunks: int
+    size: int
+    seed: int = 0
+
+
+SERVER_CASES = [
+    ServerCase(op, chunks, size, seed)
+    for op in ("save", "read", "delete", "prune")
+    for chunks, size, seed in ((4, 4096, 0), (16, 1024, 0), (2, 100_000, 0), (4, 4096, 1))
+]
+
+
+@attrs.define
+class ServerScenario:
+    """
+    One operation of a `CacheServerRepository` against an in-process server. The victims of
+    a delete or prune are prepared by the previous run's `check` (and once before the
+    campaign), so every cancel point lands in the operation itself.
+    """
+
+    case: ServerCase
+    repo: tg.CacheServerRepository
+    server: object
+    root: Path
+    fills: itertools.count[int] = attrs.Factory(itertools.count)
+    issued: dict[tg.CacheRef, bytes] = attrs.Factory(dict)  # every ref handed out, ever
+    rows: dict[str, tg.CacheRef] = attrs.Factory(dict)  # row key -> its blob (saved rows)
+    rows_tried: dict[str, str] = attrs.Factory(dict)  # row key -> task type
+    victims: list[tg.CacheRef] = attrs.Factory(list)  # this run's
+    doomed: set[tg.CacheRef] = attrs.Factory(set)  # every run's victims
+    keeper: tg.CacheRef | None = None
+
+    async def _save(self, task: str, row: str | None) -> tg.CacheRef:
+        fill = next(self.fills)
+        n, size = self.case.chunks, self.case.size
+        ref = await self.repo.save_output_stream(task, {"f": fill}, "out", _chunks(n, size, fill))
+        self.issued[ref] = _expected(n, size, fill)  # no checkpoint since the return
+        if row is not None:
+            self.rows_tried[row] = task
+            await self.repo.save_output(task, {"row": row}, {"ref": ref})
+            self.rows[row] = ref
+        return ref
+
+    async def prepare(self) -> None:
+        """Set up what the next run works on (outside the scenario: never cancelled)."""
+        if self.case.op == "read" and self.keeper is None:
+            self.keeper = await self._save("keep", "keep")
+        elif self.case.op == "delete":
+            self.victims = [await self._save("t", None), await self._save("t", None)]
+            self.doomed.update(self.victims)
+        elif self.case.op == "prune":
+            if self.keeper is None:
+                self.keeper = await self._save("keep", "keep")
+            fill = next(self.fills)
+            self.victims = [await self._save("p.x", f"p{fill}"), await self._save("p.y", None)]
+            self.doomed.update(self.victims)
+
+    async def __call__(self) -> None:
+        repo = self.repo
+        if self.case.op == "save":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._save, "t", f"a{next(self.fills)}")
+                nursery.start_soon(self._save, "t", f"b{next(self.fills)}")
+        elif self.case.op == "read":
+            assert self.keeper is not None
+            async with repo.open_output_stream_by_ref(self.keeper) as chunks:
+                got = b"".join([chunk async for chunk in chunks])
+            assert got == self.issued[self.keeper]
+            assert await repo.get_output_by_ref(self.keeper) == got
+        elif self.case.op == "delete":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(repo.delete_output_by_ref, self.victims[0])
+                nursery.start_soon(repo.stats)
+            await repo.delete_output_by_ref(self.victims[1])
+        else:
+            assert await repo.delete_by_task_type_prefix("p.") >= 1
+
+    async def check(self) -> None:
+        with trio.CancelScope(shield=True):
+            await _wait_for(lambda: not self.server.statistics().requests)  # type: ignore[attr-defined]
+            assert self.server.statistics().buffered_bytes == 0  # type: ignore[attr-defined]
+            assert self.repo.statistics().requests == 0, "S5-9: a request outlived its caller"
+            assert self.repo.statistics().buffered_bytes == 0
+            assert _temp_files(self.root) == [], "S4-3: a temp file was left behind"
+            readable = 0
+            for ref, data in self.issued.items():
+                try:
+                    got = await self.repo.get_output_by_ref(ref)
+                except tg.DanglingRefError:
+                    assert ref in self.doomed, f"S4-3: blob {ref} vanished"
+                    continue
+                assert got == data, f"S4-3: {ref} reads back other bytes"
+                readable += 1
+            stats = await self.repo.stats()
+            # S4-3: every published blob is one whose ref reached the caller (no orphan).
+            assert stats.blobs == readable, (stats, readable)
+            for row, task in self.rows_tried.items():
+                value = await self.repo.get_output(task, {"row": row})
+                if value is None:
+                    assert row not in self.rows or task.startswith("p."), f"row {row} lost"
+                    continue
+                ref = value["ref"]
+                assert isinstance(ref, tg.CacheRef)
+                await self.repo.get_output_by_ref(ref)  # S4-4: never a row without its blob
+            if self.case.op == "prune":
+                # S4-4: a prefix delete takes the row and both blobs, or nothing; not others.
+                assert set(self.victims) <= set(self.issued)
+                gone = [not await self._readable(ref) for ref in self.victims]
+                assert gone[0] == gone[1], f"S4-4: half a prune: {gone}"
+                assert self.keeper is not None
+                assert await self._readable(self.keeper)
+            await self.prepare()
+
+    async def _readable(self, ref: tg.CacheRef) -> bool:
+        try:
+            await self.repo.get_output_by_ref(ref)
+        except tg.DanglingRefError:
+            return False
+        return True
+
+
+@pytest.mark.parametrize("case", SERVER_CASES, ids=repr)
+async def test_cache_server_repository_cancelled_at_each_checkpoint(
+    case: ServerCase, tmp_path: Path
+) -> None:
+    """S4-3, S4-4, S4-8, S5-9, S5-10 under `cancel_at_each_checkpoint` (S7): streamed save
+    with its row, streamed read, delete and prefix prune through ``CacheServerRepository``
+    leave no temp file, no orphan blob, no row without its blob, no open request."""
+    root = tmp_path / "root"
+    async with (
+        in_process_server(root, window=64 * 1024, chunk_bytes=16 * 1024) as (server, sock),
+        tg.connect_cache_server(sock, namespace="campaign") as repo,
+    ):
+        scenario = ServerScenario(case, repo, server, root)
+        await scenario.prepare()
+        report = await cancel_at_each_checkpoint(
+            scenario,
+            check=scenario.check,
+            max_points=torture_max_points(DEFAULT_POINTS),
+            seed=case.seed,
+            cancel_timeout=math.inf,
+        )
+        assert report.steps >= 2
+
+
+async def test_upload_cancelled_after_its_end_deletes_its_blob(tmp_path: Path) -> None:
+    """Regression (found by this campaign, S4-3, S5-10): an upload cancelled after its last
+    chunk was sent, while it waits for the server's verdict, deletes the blob the server
+    published; that cleanup ran inside the upload's own request slot and asked for a second
+    one, so the client raised ``RuntimeError`` (a borrower holding a `trio.CapacityLimiter`
+    token) instead of ``Cancelled`` and left an orphan blob. Every point, three seeds."""
+    root = tmp_path / "root"
+    async with in_process_server(root) as (server, sock):
+        for seed in (0, 1, 2):
+            async with tg.connect_cache_server(sock, namespace=f"seed{seed}") as repo:
+                scenario = ServerScenario(ServerCase("save", 2, 4096, seed), repo, server, root)
+                await cancel_at_each_checkpoint(
+                    scenario, check=scenario.check, seed=seed, cancel_timeout=math.inf
+                )
