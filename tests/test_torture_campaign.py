@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -105,6 +105,12 @@ CHANNEL_CASES = [
     ChannelCase(mark=4, producers=1, consumers=2, items=6, size=2, ending="sender-closes", seed=1),
     ChannelCase(mark=32, producers=2, consumers=2, items=12, size=7, ending="normal"),
     ChannelCase(mark=32, producers=2, consumers=2, items=12, size=7, ending="normal", seed=3),
+    ChannelCase(mark=3, producers=3, consumers=3, items=5, size=3, ending="normal"),
+    ChannelCase(mark=3, producers=3, consumers=3, items=5, size=3, ending="receiver-closes"),
+    ChannelCase(mark=3, producers=3, consumers=3, items=5, size=3, ending="sender-closes"),
+    ChannelCase(mark=2, producers=2, consumers=1, items=10, size=1, ending="sender-closes"),
+    ChannelCase(mark=100, producers=1, consumers=1, items=20, size=9, ending="normal"),
+    ChannelCase(mark=7, producers=2, consumers=3, items=7, size=4, ending="receiver-closes"),
 ]
 
 
@@ -389,12 +395,15 @@ def _run_cases() -> list[RunCase]:
         for shape in SHAPES:
             cases.append(RunCase(shape, cache, size=2048, chunk=512, budget=1024))
             cases.append(RunCase(shape, cache, size=2048, chunk=512, budget=1024, replay=True))
+            # Smaller chunks under a tighter budget (more parks), and another schedule.
+            cases.append(RunCase(shape, cache, size=1200, chunk=200, budget=256))
+            cases.append(RunCase(shape, cache, size=2048, chunk=512, budget=1024, seed=1))
             if cache == "memory":
                 # Chunk sizes and counts, budgets, thresholds (inline results) and seeds.
                 cases.append(RunCase(shape, cache, size=1500, chunk=100, budget=256))
                 cases.append(RunCase(shape, cache, size=3000, chunk=1024, budget=4096))
-                cases.append(RunCase(shape, cache, size=2048, chunk=512, budget=1024, seed=1))
                 cases.append(RunCase(shape, cache, size=2048, chunk=512, budget=1024, seed=2))
+                cases.append(RunCase(shape, cache, size=2048, chunk=512, budget=1024, seed=3))
                 cases.append(
                     RunCase(shape, cache, size=1024, chunk=256, budget=512, threshold=64 * 1024)
                 )
@@ -576,9 +585,10 @@ class ServerScenario:
     """
 
     case: ServerCase
-    repo: tg.CacheServerRepository
-    server: object
-    root: Path
+    repo: tg.OutputRepository
+    server: object | None  # the in-process cache server (None: a Postgres repository)
+    root: Path | None
+    extra_check: Callable[[], Awaitable[None]] | None = None
     fills: itertools.count[int] = attrs.Factory(itertools.count)
     issued: dict[tg.CacheRef, bytes] = attrs.Factory(dict)  # every ref handed out, ever
     rows: dict[str, tg.CacheRef] = attrs.Factory(dict)  # row key -> its blob (saved rows)
@@ -634,11 +644,18 @@ class ServerScenario:
 
     async def check(self) -> None:
         with trio.CancelScope(shield=True):
-            await _wait_for(lambda: not self.server.statistics().requests)  # type: ignore[attr-defined]
-            assert self.server.statistics().buffered_bytes == 0  # type: ignore[attr-defined]
-            assert self.repo.statistics().requests == 0, "S5-9: a request outlived its caller"
-            assert self.repo.statistics().buffered_bytes == 0
-            assert _temp_files(self.root) == [], "S4-3: a temp file was left behind"
+            if self.server is not None:
+                server = self.server
+                await _wait_for(lambda: not server.statistics().requests)  # type: ignore[attr-defined]
+                assert server.statistics().buffered_bytes == 0  # type: ignore[attr-defined]
+            if isinstance(self.repo, tg.CacheServerRepository):
+                stats = self.repo.statistics()
+                assert stats.requests == 0, "S5-9: a request outlived its caller"
+                assert stats.buffered_bytes == 0
+            if self.root is not None:
+                assert _temp_files(self.root) == [], "S4-3: a temp file was left behind"
+            if self.extra_check is not None:
+                await self.extra_check()
             readable = 0
             for ref, data in self.issued.items():
                 try:
@@ -648,9 +665,9 @@ class ServerScenario:
                     continue
                 assert got == data, f"S4-3: {ref} reads back other bytes"
                 readable += 1
-            stats = await self.repo.stats()
+            repo_stats = await self.repo.stats()
             # S4-3: every published blob is one whose ref reached the caller (no orphan).
-            assert stats.blobs == readable, (stats, readable)
+            assert repo_stats.blobs == readable, (repo_stats, readable)
             for row, task in self.rows_tried.items():
                 value = await self.repo.get_output(task, {"row": row})
                 if value is None:
@@ -714,3 +731,189 @@ async def test_upload_cancelled_after_its_end_deletes_its_blob(tmp_path: Path) -
                 await cancel_at_each_checkpoint(
                     scenario, check=scenario.check, seed=seed, cancel_timeout=math.inf
                 )
+
+
+# --- jobs (S8) -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class JobCase:
+    cache: str  # "memory", "filesystem"
+    workers: int
+    size: int
+    chunk: int
+    graph: bool = False  # a graph job (chain) instead of a task job
+    seed: int = 0
+
+
+JOB_CASES = [
+    JobCase(cache, workers, size, chunk, graph, seed)
+    for cache in ("memory", "filesystem")
+    for workers, size, chunk, graph, seed in (
+        (2, 2048, 512, False, 0),
+        (1, 2048, 512, False, 0),
+        (2, 3000, 1000, True, 0),
+        (2, 2048, 512, False, 1),
+        (3, 1024, 128, False, 0),
+        (1, 3000, 1000, True, 1),
+        (2, 1024, 128, False, 2),
+    )
+]
+
+
+@attrs.define
+class JobScenario:
+    """Submit a streaming job, subscribe, cancel a second job, stream the output out."""
+
+    case: JobCase
+    tmp: Path
+    counter: itertools.count[int] = attrs.Factory(itertools.count)
+    repo: tg.OutputRepository | None = None
+    queues: list[tg.JobQueue] = attrs.Factory(list)
+    handles: list[tg.JobHandle] = attrs.Factory(list)
+    streamed: list[bytes] = attrs.Factory(list)
+    subscribed: list[bytes] = attrs.Factory(list)
+    done: bool = False
+
+    def _fresh(self) -> tg.OutputRepository:
+        if self.case.cache == "memory":
+            return tg.MemoryOutputRepository()
+        return tg.FsOutputRepository(self.tmp / f"j{next(self.counter)}")
+
+    async def __call__(self) -> None:
+        case = self.case
+        self.queues, self.handles, self.streamed, self.subscribed = [], [], [], []
+        self.done = False
+        self.repo = self._fresh()
+        config = tg.RunConfig(cache=self.repo, reference_threshold_bytes=0)
+
+        async def collect(event: tg.StreamEvent) -> None:
+            if isinstance(event, tg.BinaryDelta):
+                self.subscribed.append(bytes(event.chunk))
+            await trio.lowlevel.checkpoint()
+
+        async with tg.open_job_queue(config, workers=case.workers) as queue:
+            self.queues.append(queue)
+            inputs = {"size": case.size, "chunk": case.chunk, "tag": 1}
+            port: str | None = None
+            if case.graph:
+                graph = tg.TaskGraph()
+                src = graph.add(Source(), inputs=inputs)
+                relay = graph.add(Relay())
+                graph.connect(src, "data", relay, "data")
+                main = queue.submit(graph)
+                port = f"{relay}.data"
+            else:
+                main = queue.submit(Source(), inputs)
+                main.on_stream(collect, high_water_bytes=case.chunk)
+            doomed = queue.submit(Source(), {**inputs, "tag": 2})
+            self.handles.extend((main, doomed))
+            doomed.cancel()  # S8-10
+            async with main.open_output_stream(port) as chunks:
+                async for chunk in chunks:
+                    self.streamed.append(bytes(chunk))
+            await main.result()
+        self.done = True
+
+    async def check(self) -> None:
+        assert all(h.record.terminal for h in self.handles), [h.state for h in self.handles]
+        if self.queues:  # S8-1, S8-13: counts consistent, nothing running or pending
+            stats = self.queues[0].statistics()
+            assert stats.running == stats.pending == 0, stats
+            assert stats.completed + stats.failed + stats.cancelled == len(self.handles)
+        if self.done:  # S8-12, S8-9: the whole output, streamed and delivered in order
+            expected = b"".join(
+                bytes([s % 251]) * min(self.case.chunk, self.case.size - s)
+                for s in range(0, self.case.size, self.case.chunk)
+            )
+            assert b"".join(self.streamed) == expected
+            if not self.case.graph:
+                assert b"".join(self.subscribed) == expected
+            assert [h.state for h in self.handles] == ["completed", "cancelled"]
+        if self.repo is not None:
+            with trio.CancelScope(shield=True):
+                try:
+                    report = await self.repo.gc(min_age=0)  # S6-47: no orphan blob
+                    assert report.blobs == 0, report
+                    assert report.temp_files == 0, report
+                finally:
+                    await self.repo.aclose()
+
+
+@pytest.mark.parametrize("case", JOB_CASES, ids=repr)
+async def test_job_cancelled_at_each_checkpoint(case: JobCase, tmp_path: Path) -> None:
+    """S8-1, S8-9, S8-10, S8-12, S8-13 under `cancel_at_each_checkpoint` (S7): submit,
+    ``on_stream``, ``cancel`` and ``open_output_stream`` leave every job terminal, the queue's
+    counts consistent, no task, no orphan blob in the jobs' cache."""
+    scenario = JobScenario(case, tmp_path)
+    report = await cancel_at_each_checkpoint(
+        scenario,
+        check=scenario.check,
+        max_points=torture_max_points(DEFAULT_POINTS),
+        seed=case.seed,
+        cancel_timeout=5.0 if case.cache == "memory" else math.inf,
+    )
+    assert report.steps > 5
+
+
+POSTGRES_CASES = [
+    ServerCase(op, chunks, size)
+    for op in ("save", "read", "delete", "prune")
+    for chunks, size in ((3, 2000), (6, 700))
+]
+
+
+async def _postgres_query(dsn: str, sql: str) -> list[tuple[object, ...]]:
+    def run() -> list[tuple[object, ...]]:
+        import psycopg
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            cur = conn.execute(sql.encode())
+            return cur.fetchall() if cur.description is not None else []
+
+    return await trio.to_thread.run_sync(run)
+
+
+@pytest.mark.parametrize("case", POSTGRES_CASES, ids=repr)
+async def test_postgres_repository_cancelled_at_each_checkpoint(
+    case: ServerCase, postgres_dsn: str
+) -> None:
+    """S4-3, S4-4, S4-11, S4-13, S4-14 under `cancel_at_each_checkpoint` (S7): streamed save
+    with its row, streamed read, delete and prefix prune of ``PostgresOutputRepository``:
+    every published blob reached the caller, no row without its blob, a prune takes a row
+    with its blobs or nothing, never a large object without its record (or the reverse), no
+    open transaction, every pooled connection given back."""
+    repo = tg.PostgresOutputRepository(postgres_dsn, write_batch_bytes=1000, max_connections=2)
+
+    async def database() -> None:
+        ((objects, matched, records),) = await _postgres_query(
+            postgres_dsn,
+            "SELECT (SELECT count(*) FROM pg_largeobject_metadata),"
+            " (SELECT count(*) FROM trio_taskgraph_blobs b"
+            "  JOIN pg_largeobject_metadata m ON m.oid = b.lo),"
+            " (SELECT count(*) FROM trio_taskgraph_blobs)",
+        )
+        assert objects == matched == records, f"S4-11: {objects}, {matched}, {records}"
+        ((open_transactions,),) = await _postgres_query(
+            postgres_dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND xact_start IS NOT NULL",
+        )
+        assert open_transactions == 0, "S4-14: a transaction was left open"
+        assert repo._shared.slots.value == 2, "S4-14: a pooled connection was not given back"
+
+    try:
+        await repo.stats()  # set the database up before counting steps
+        scenario = ServerScenario(case, repo, None, None, extra_check=database)
+        await scenario.prepare()
+        report = await cancel_at_each_checkpoint(
+            scenario,
+            check=scenario.check,
+            max_points=torture_max_points(DEFAULT_POINTS),
+            seed=case.seed,
+            cancel_timeout=30.0,
+        )
+        assert report.steps >= 2
+    finally:
+        with trio.CancelScope(shield=True):
+            await repo.aclose()
