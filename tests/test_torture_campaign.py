@@ -426,6 +426,11 @@ class RunScenario:
     channels: list[tg.ByteSendChannel[object]] = attrs.Factory(list)
     result: dict[str, object] | None = None
     before: tg.RepositoryStats | None = None
+    statuses: list[tuple[str, str, str]] = attrs.Factory(list)  # (node, task type, state)
+
+    def listen(self, event: tg.RunEvent) -> None:
+        if isinstance(event.event, tg.TaskStatus):
+            self.statuses.append((event.node_id, event.task_type, event.event.state))
 
     async def populate(self) -> None:
         """Fill the cache (replay cases: the campaign then replays hits from it)."""
@@ -448,13 +453,15 @@ class RunScenario:
         )
 
     async def __call__(self) -> None:
-        self.channels, self.result = [], None
+        self.channels, self.result, self.statuses = [], None, []
         if self.fresh is not None:
             self.repo = self.fresh()
         case = self.case
         with _recording_channels(self.channels):
             if case.shape == "run-task":
-                output = await tg.run_task(Source(), self._task_inputs(), config=self._config())
+                output = await tg.run_task(
+                    Source(), self._task_inputs(), config=self._config(), on_event=self.listen
+                )
                 data = output["data"]
                 assert isinstance(data, tg.CacheRef | bytes), output  # S6-19
                 if isinstance(data, bytes):
@@ -462,7 +469,7 @@ class RunScenario:
                 self.result = {"task": output}
                 return
             graph, expected = build(case.shape, case.size, case.chunk)
-            outputs = await tg.run_graph(graph, config=self._config())
+            outputs = await tg.run_graph(graph, config=self._config(), on_event=self.listen)
         for node, n in expected.items():
             assert outputs[node]["n"] == n, (node, outputs[node])  # S6-17
         self.result = dict(outputs)
@@ -477,6 +484,13 @@ class RunScenario:
             report = await self.repo.gc(min_age=0)
             assert report.blobs == 0, report
             assert report.temp_files == 0, report
+            if self.before is not None and self.result is not None:
+                # S6-45: a replay run is all hits: every cacheable node was replayed, none ran.
+                cacheable = {Source.type, TwoPorts.type, Relay.type, Join.type}
+                ran = {(n, t) for n, t, state in self.statuses if state == "completed"}
+                hit = {(n, t) for n, t, state in self.statuses if state == "cached"}
+                assert {(n, t) for n, t in ran if t in cacheable} <= hit, self.statuses
+                assert hit, self.statuses
             if self.before is not None:
                 # A replay only reads: the cache holds what it held (S6-45).
                 stats = await self.repo.stats()
