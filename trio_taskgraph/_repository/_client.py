@@ -381,17 +381,24 @@ class _Connection:
         except trio.WouldBlock:
             await limiter.acquire()
         try:
-            request = self.open_request()
-            try:
-                # No trip through the scheduler when the frame goes at once: the park below
-                # is this call's checkpoint (a round trip is two wake-ups, not three).
-                await self.send(build(request.id), checkpoint=False)
-                while not request.done:
-                    await request.lot.park()
-            finally:
-                self.close_request(request)
+            return await self.call_in_held_slot(build)
         finally:
             limiter.release()
+
+    async def call_in_held_slot(self, build: Callable[[int], ClientMessage]) -> object:
+        """
+        As `call`, for a task that already holds a slot (an upload cleaning up after
+        itself): a `trio.CapacityLimiter` refuses a second token to the same borrower.
+        """
+        request = self.open_request()
+        try:
+            # No trip through the scheduler when the frame goes at once: the park below
+            # is this call's checkpoint (a round trip is two wake-ups, not three).
+            await self.send(build(request.id), checkpoint=False)
+            while not request.done:
+                await request.lot.park()
+        finally:
+            self.close_request(request)
         if request.error is not None:
             raise request.error
         return request.value
@@ -702,7 +709,8 @@ class CacheServerRepository:
             if type(ref) is CacheRef:
                 ns = self._namespace
                 with contextlib.suppress(CacheServerError, RefError):
-                    await conn.call(lambda i: DeleteRef(id=i, ns=ns, ref=ref))
+                    # Still inside the upload's slot (S5-8): asking for another would raise.
+                    await conn.call_in_held_slot(lambda i: DeleteRef(id=i, ns=ns, ref=ref))
 
     async def get_output_by_ref(self, ref: CacheRef) -> bytes:
         """
