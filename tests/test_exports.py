@@ -105,6 +105,8 @@ EXPECTED_PUBLIC = {
     "SubscriberOverflowError",
     # scale-out on PostgreSQL (issue 11)
     "PostgresOutputRepository",
+    # scale-out job store on PostgreSQL (issue 11, second part)
+    "PostgresJobStore",
 }
 
 

@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import trio_taskgraph as tg
-from trio_taskgraph import cache_server
+from trio_taskgraph import _worker_cli, cache_server
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -72,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache-server", help="serve a repository folder on a Unix socket (issue 6)"
     )
     cache_server.add_arguments(serve)
+    _worker_cli.add_arguments(sub.add_parser("worker", help="run PostgresJobStore jobs"))
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        return _worker_cli.run(args)
     if args.command == "demo":
         return _demo_events_and_ports()
     if args.command == "cache-server":

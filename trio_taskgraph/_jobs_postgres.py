@@ -1,0 +1,718 @@
+"""
+`PostgresJobStore`: a job queue many processes on many machines work from (issue 11).
+
+Every process that opens ``open_job_queue(config, store=PostgresJobStore(dsn))`` against the
+same database and queue name shares one set of jobs: a job submitted in one process runs on a
+worker in any process whose task registry knows its type. Nothing here imports psycopg at
+``import trio_taskgraph``; it is imported on first use.
+
+Table (created on first use under a transaction-level advisory lock of class ``0x746A``)::
+
+    trio_taskgraph_jobs   id, queue, seq, task type, msgpack inputs, state, attempt, retry
+                          policy, run_after (database time), lease owner / until,
+                          cancel_requested, msgpack output, error
+
+Theory of operation (spec/S8-jobs.md, S8-14 .. S8-21):
+
+- Write-behind (S8-15): `JobStore` methods are synchronous (``submit`` and ``cancel`` are),
+  so submissions, outcomes, releases and cancel requests are appended to a buffer and written
+  by a flusher task, in order, in one transaction per batch that ends with a ``NOTIFY``.
+  `flush` writes the buffer at once; the queue awaits it (shielded) when it closes.
+- Claiming (S8-16): a worker claims with one ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE
+  SKIP LOCKED LIMIT 1)``: the first job by ``(run_after, seq)`` that is due and pending, or
+  running under an expired lease, among the task types this process has registered. The
+  claim sets ``running``, counts the attempt and takes a lease (owner token, expiry).
+- Leases (S8-17): a renewer task extends the leases this process holds every third of the
+  lease; every outcome is written only ``WHERE lease_owner = me AND attempt = n`` (a fence),
+  so a worker that lost its lease cannot overwrite the run that replaced it. A killed
+  worker's job is claimed again once its lease expires: at-least-once.
+- Waking (S8-18): idle claimers park until the next due time, a ``NOTIFY`` that jobs were
+  added (read from a dedicated ``LISTEN`` connection with `trio.lowlevel.wait_readable`, no
+  thread parked), or the fallback ``poll_interval``, whichever comes first.
+- Time (S8-19): ``run_after`` is stored as database time: the flusher writes
+  ``clock_timestamp() + (deadline - trio.current_time())``, so clocks of different machines
+  never meet and a job never starts before its deadline.
+- Cancel (S8-20): a pending job is cancelled in the database; a running one gets
+  ``cancel_requested`` and a ``NOTIFY``: the owner's listener (or its next renewal) cancels
+  the job's scope, and the outcome ``cancelled`` is written as any other.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final, TypeVar, final
+
+import attrs
+import trio
+
+from ._core._codec import packb, unpackb
+from ._core._jobs import JobRecord, JobState, RetryPolicy
+from ._errors import RepositoryError
+from ._repository._postgres import (
+    _import_psycopg,
+    _run,
+    _Shared,
+    _transaction,
+)
+
+if TYPE_CHECKING:
+    from ._repository._postgres import Conn
+
+__all__ = ["ClaimedJob", "PostgresJobStore"]
+
+T = TypeVar("T")
+
+#: Advisory-lock class of the job store (the repository uses 0x7467).
+_LOCK_CLASS: Final = 0x746A  # "tj"
+#: Seconds a claimed job's lease lasts without renewal (renewed every third of it).
+DEFAULT_LEASE_SECONDS: Final = 30.0
+#: Seconds an idle claimer waits at most without a NOTIFY before looking again.
+DEFAULT_POLL_INTERVAL: Final = 5.0
+_MAX_BATCH: Final = 500
+_MAX_INPUT_BYTES: Final = 64 * 1024 * 1024
+
+_SCHEMA: Final = (
+    """
+    CREATE TABLE IF NOT EXISTS trio_taskgraph_jobs (
+        id text PRIMARY KEY,
+        queue text NOT NULL,
+        seq bigserial NOT NULL,
+        kind text NOT NULL,
+        task_type text NOT NULL,
+        inputs bytea NOT NULL,
+        state text NOT NULL,
+        attempt integer NOT NULL DEFAULT 0,
+        max_retries integer NOT NULL DEFAULT 0,
+        retry_delay double precision NOT NULL DEFAULT 0,
+        retry_backoff double precision NOT NULL DEFAULT 2,
+        run_after timestamptz NOT NULL,
+        lease_owner text,
+        lease_until timestamptz,
+        cancel_requested boolean NOT NULL DEFAULT false,
+        output bytea,
+        error text,
+        created timestamptz NOT NULL DEFAULT clock_timestamp(),
+        finished timestamptz
+    )
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS trio_taskgraph_jobs_due ON trio_taskgraph_jobs
+        (queue, run_after, seq) WHERE state IN ('pending', 'running')
+    """,
+)
+
+_CLAIM: Final = """
+    UPDATE trio_taskgraph_jobs j
+    SET state = 'running', attempt = j.attempt + 1, lease_owner = %(me)s,
+        lease_until = clock_timestamp() + %(lease)s * interval '1 second'
+    WHERE j.id = (
+        SELECT id FROM trio_taskgraph_jobs
+        WHERE queue = %(queue)s AND state IN ('pending', 'running')
+          AND task_type = ANY(%(types)s)
+          AND ((state = 'pending' AND run_after <= clock_timestamp())
+               OR (state = 'running' AND lease_until < clock_timestamp()
+                   AND NOT cancel_requested))
+        ORDER BY run_after, seq
+        FOR UPDATE SKIP LOCKED
+        LIMIT 1
+    )
+    RETURNING j.id, j.kind, j.task_type, j.inputs, j.attempt, j.max_retries, j.retry_delay,
+              j.retry_backoff, j.error
+"""
+
+# A job whose owner died after a cancel request ends cancelled, not run again.
+_EXPIRED_CANCELS: Final = """
+    UPDATE trio_taskgraph_jobs SET state = 'cancelled', lease_owner = NULL, lease_until = NULL,
+        finished = clock_timestamp()
+    WHERE queue = %(queue)s AND state = 'running' AND cancel_requested
+      AND lease_until < clock_timestamp()
+    RETURNING id
+"""
+
+_NEXT_DUE: Final = """
+    SELECT extract(epoch FROM min(t) - clock_timestamp()) FROM (
+        SELECT min(run_after) AS t FROM trio_taskgraph_jobs
+        WHERE queue = %(queue)s AND state = 'pending' AND task_type = ANY(%(types)s)
+        UNION ALL
+        SELECT min(lease_until) FROM trio_taskgraph_jobs
+        WHERE queue = %(queue)s AND state = 'running' AND task_type = ANY(%(types)s)
+    ) s
+"""
+
+_SELECT_RECORDS: Final = """
+    SELECT id, kind, task_type, inputs, state, attempt, max_retries, output, error,
+           extract(epoch FROM run_after - clock_timestamp())
+    FROM trio_taskgraph_jobs WHERE queue = %s AND id = ANY(%s)
+"""
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ClaimedJob:
+    """
+    A job a worker of this process claimed from a shared store.
+
+    Attributes:
+        record: its record, ``running``, the attempt counted.
+        inputs: the task's inputs as submitted.
+        policy: its retry policy as submitted.
+    """
+
+    record: JobRecord
+    inputs: Mapping[str, object]
+    policy: RetryPolicy
+
+
+# --- buffered operations ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Insert:
+    record: JobRecord
+    inputs: bytes
+    policy: RetryPolicy
+    deadline: float | None  # trio clock
+
+
+@attrs.frozen
+class _Outcome:
+    record: JobRecord
+    output: bytes | None
+
+
+@attrs.frozen
+class _Release:
+    job_id: str
+    attempt: int
+    record: JobRecord | None  # a retry (pending, error, run_after), or None: a release as is
+
+
+@attrs.frozen
+class _CancelRequest:
+    job_id: str
+
+
+_Op = _Insert | _Outcome | _Release | _CancelRequest
+
+
+def _delay(deadline: float | None, now: float) -> float:
+    if deadline is None:
+        return 0.0
+    return max(0.0, deadline - now)
+
+
+def _setup(conn: Conn) -> None:
+    row = conn.execute("SELECT to_regclass('trio_taskgraph_jobs') IS NOT NULL").fetchone()
+    if row is not None and row[0]:
+        return
+    conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_CLASS,))
+    for statement in _SCHEMA:
+        conn.execute(statement)
+
+
+def _decode_mapping(data: bytes | None) -> Mapping[str, object] | None:
+    if data is None:
+        return None
+    value = unpackb(data, max_bytes=_MAX_INPUT_BYTES)
+    if not isinstance(value, Mapping):
+        raise RepositoryError("a job row holds something other than a map")
+    return {str(k): v for k, v in value.items()}
+
+
+@final
+@attrs.define(eq=False, init=False, repr=False)
+class PostgresJobStore:
+    """
+    A `JobStore` in a PostgreSQL database, shared by every process that uses the same DSN and
+    queue name: pass it as ``open_job_queue(config, workers=N, store=PostgresJobStore(dsn))``.
+
+    Jobs must be tasks whose type is registered (``Task`` subclasses with a ``type``) in the
+    worker processes; a worker claims only the types its process knows. Use a shared
+    `PostgresOutputRepository` as ``RunConfig.cache`` so that handles in other processes can
+    stream the jobs' binary outputs.
+
+    Args:
+        dsn: a libpq connection string or URI.
+        queue: the queue name; stores with other names in the same database are independent.
+        lease_seconds: how long a claimed job's lease lasts without renewal (renewed every
+            third of it); a killed worker's job is claimed again this long after its last
+            renewal.
+        poll_interval: the longest an idle worker waits without a ``NOTIFY`` before it looks
+            for due jobs again.
+        max_connections: connections this store holds at most (besides its ``LISTEN`` one).
+
+    Raises:
+        TypeError: ``dsn`` or ``queue`` is not a str.
+        ValueError: ``queue`` is empty, or a number is not positive.
+    """
+
+    _shared: _Shared
+    _queue: str
+    _lease: float
+    _poll: float
+    _owner: str
+    _channel: str
+    _ops: list[_Op]
+    _records: dict[str, JobRecord]
+    _held: dict[str, int]
+    _released: set[str]
+    _watched: set[str]
+    _lot: trio.lowlevel.ParkingLot
+    _flush_lock: trio.Lock
+    _dirty: trio.Event
+    _ready: bool
+    _on_record: Callable[[JobRecord, Mapping[str, object]], None] | None
+    _on_cancel: Callable[[str], None] | None
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        queue: str = "default",
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_connections: int = 8,
+    ) -> None:
+        dsn_value: object = dsn
+        queue_value: object = queue
+        if not isinstance(dsn_value, str):
+            raise TypeError(f"dsn must be a str, not {type(dsn_value).__name__}")
+        if not isinstance(queue_value, str):
+            raise TypeError(f"queue must be a str, not {type(queue_value).__name__}")
+        if not queue:
+            raise ValueError("queue must not be empty")
+        if not (lease_seconds > 0 and poll_interval > 0 and max_connections >= 1):
+            raise ValueError("lease_seconds, poll_interval and max_connections must be positive")
+        self._shared = _Shared(
+            dsn=dsn, max_connections=max_connections, slots=trio.Semaphore(max_connections)
+        )
+        self._queue = queue
+        self._lease = float(lease_seconds)
+        self._poll = float(poll_interval)
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._channel = "trio_taskgraph_jobs_" + hashlib.sha256(queue.encode()).hexdigest()[:24]
+        self._ops = []
+        self._records = {}
+        self._held = {}
+        self._released = set()
+        self._watched = set()
+        self._lot = trio.lowlevel.ParkingLot()
+        self._flush_lock = trio.Lock()
+        self._dirty = trio.Event()
+        self._ready = False
+        self._on_record = None
+        self._on_cancel = None
+
+    def __repr__(self) -> str:
+        # Never the DSN: it may hold a password.
+        return f"<PostgresJobStore queue={self._queue!r}>"
+
+    @property
+    def queue(self) -> str:
+        """The queue name."""
+        return self._queue
+
+    @property
+    def owner(self) -> str:
+        """The lease owner token of this store (host, pid, random part)."""
+        return self._owner
+
+    # --- the JobStore seam (synchronous, never blocks) ---------------------------------------
+
+    def new_id(self) -> str:
+        """Return a fresh job id, unique across processes (``job-<uuid4 hex>``)."""
+        return f"job-{uuid.uuid4().hex}"
+
+    def save(self, record: JobRecord) -> None:
+        """
+        Record a transition of a job this process runs; buffered, written by `flush` (S8-15).
+
+        Only the outcome of a job this process claimed is written (fenced by its lease:
+        S8-17); a record of a job it does not hold is kept locally only.
+        """
+        self._records[record.id] = record
+        attempt = self._held.get(record.id)
+        if attempt is None or record.id in self._released:
+            return
+        if record.state is JobState.RUNNING:
+            return  # the claim wrote it
+        if record.state is JobState.PENDING:
+            self._push(_Release(job_id=record.id, attempt=attempt, record=record))
+        else:
+            output = None if record.output is None else packb(dict(record.output))
+            self._push(_Outcome(record=record, output=output))
+
+    def load(self, job_id: str) -> JobRecord | None:
+        """The latest record of ``job_id`` this process has seen, or None."""
+        return self._records.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Drop this process's copy of a finished job's record (the row stays)."""
+        record = self._records.get(job_id)
+        if record is not None and record.terminal:
+            del self._records[job_id]
+            self._watched.discard(job_id)
+
+    async def flush(self) -> None:
+        """
+        Write every buffered operation, in order, one transaction per batch.
+
+        Cancellation: a batch is written whole or not at all; what is not written stays
+        buffered.
+        """
+        await trio.lowlevel.checkpoint()
+        async with self._flush_lock:
+            while self._ops:
+                batch = self._ops[:_MAX_BATCH]
+                await self._write(batch)
+                del self._ops[: len(batch)]
+                for op in batch:
+                    if isinstance(op, _Outcome | _Release):
+                        job_id = op.record.id if isinstance(op, _Outcome) else op.job_id
+                        self._held.pop(job_id, None)
+
+    # --- what the queue calls in shared mode -------------------------------------------------
+
+    def submit(self, record: JobRecord, inputs: Mapping[str, object], policy: RetryPolicy) -> None:
+        """Buffer a new job row (S8-15); its ``run_after`` is a trio-clock deadline."""
+        self._records[record.id] = record
+        self._watched.add(record.id)
+        self._push(
+            _Insert(
+                record=record,
+                inputs=packb(dict(inputs)),
+                policy=policy,
+                deadline=record.run_after,
+            )
+        )
+
+    def watch(self, job_id: str) -> None:
+        """Follow a job another process runs: its records reach the queue's callback."""
+        self._watched.add(job_id)
+        self._dirty.set()
+
+    def request_cancel(self, job_id: str) -> None:
+        """Cancel a job wherever it is (S8-20): pending, at once; running, by its owner."""
+        self._watched.add(job_id)
+        self._push(_CancelRequest(job_id=job_id))
+
+    def release(self, job_id: str) -> None:
+        """Give back a claimed job unfinished (a worker shutting down): pending again."""
+        attempt = self._held.get(job_id)
+        if attempt is None or job_id in self._released:
+            return
+        self._released.add(job_id)
+        self._push(_Release(job_id=job_id, attempt=attempt, record=None))
+
+    async def claim(self) -> ClaimedJob:
+        """
+        Wait for a due job of a registered type and claim it (S8-16).
+
+        Cancellation: a claim happens in one thread hop and is returned even when a cancel
+        arrives meanwhile; a cancel while waiting claims nothing.
+        """
+        from ._task import registered_task_types
+
+        await self._start()
+        params: dict[str, object] = {
+            "me": self._owner,
+            "lease": self._lease,
+            "queue": self._queue,
+        }
+        while True:
+            params["types"] = registered_task_types()
+            found = await self._do(lambda conn: self._claim_one(conn, params))
+            if isinstance(found, ClaimedJob):
+                self._held[found.record.id] = found.record.attempt
+                return found
+            wait = self._poll if found is None else min(self._poll, max(found, 0.0) + 0.01)
+            with trio.move_on_after(wait):
+                await self._lot.park()
+
+    def _claim_one(self, conn: Conn, params: Mapping[str, object]) -> ClaimedJob | float | None:
+        row = conn.execute(_CLAIM, params).fetchone()
+        if row is not None:
+            job_id, kind, task_type, inputs, attempt, max_retries, delay, backoff, error = row
+            record = JobRecord(
+                id=str(job_id),
+                kind=str(kind),
+                task_type=str(task_type),
+                state=JobState.RUNNING,
+                attempt=int(attempt),
+                max_retries=int(max_retries),
+                error=None if error is None else str(error),
+            )
+            self._records[record.id] = record
+            decoded = _decode_mapping(bytes(inputs))
+            assert decoded is not None
+            policy = RetryPolicy(
+                max_retries=int(max_retries), delay=float(delay), backoff=float(backoff)
+            )
+            return ClaimedJob(record=record, inputs=decoded, policy=policy)
+        conn.execute(_EXPIRED_CANCELS, params)
+        due = conn.execute(_NEXT_DUE, params).fetchone()
+        if due is None or due[0] is None:
+            return None
+        return float(due[0])
+
+    # --- background tasks --------------------------------------------------------------------
+
+    async def attach(
+        self,
+        nursery: trio.Nursery,
+        *,
+        on_record: Callable[[JobRecord, Mapping[str, object]], None],
+        on_cancel: Callable[[str], None],
+    ) -> None:
+        """
+        Start the flusher, lease renewer and listener in ``nursery`` (the queue's service
+        nursery); ``on_record`` receives records of watched jobs, ``on_cancel`` the ids of
+        held jobs whose cancel was requested elsewhere.
+
+        Cancellation: the tables are created (if needed) and the listener connected before
+        this returns; a cancel leaves nothing started.
+        """
+        self._on_record = on_record
+        self._on_cancel = on_cancel
+        await self._start()
+        await nursery.start(self._listener)
+        nursery.start_soon(self._flusher)
+        nursery.start_soon(self._renewer)
+
+    async def _start(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._shared.closed:
+            raise RepositoryError("the job store is closed")
+        if not self._ready:
+            async with self._shared.open_lock:
+                if not self._ready:
+                    await trio.to_thread.run_sync(_import_psycopg)
+                    await self._do(_setup)
+                    self._ready = True
+
+    async def _do(self, fn: Callable[[Conn], T]) -> T:
+        async with self._shared.connection() as conn:
+            return await _transaction(conn, fn)
+
+    def _push(self, op: _Op) -> None:
+        self._ops.append(op)
+        self._dirty.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            await self.flush()
+            if self._watched:
+                await self._refresh()
+
+    def _write_batch(self, conn: Conn, batch: list[_Op], now: float) -> bool:
+        added = False
+        notes: list[str] = []
+        for op in batch:
+            if isinstance(op, _Insert):
+                record, policy = op.record, op.policy
+                conn.execute(
+                    "INSERT INTO trio_taskgraph_jobs (id, queue, kind, task_type, inputs, state,"
+                    " max_retries, retry_delay, retry_backoff, run_after) VALUES"
+                    " (%s, %s, %s, %s, %b, 'pending', %s, %s, %s,"
+                    " clock_timestamp() + %s * interval '1 second')",
+                    (
+                        record.id,
+                        self._queue,
+                        record.kind,
+                        record.task_type,
+                        op.inputs,
+                        policy.max_retries,
+                        policy.delay,
+                        policy.backoff,
+                        _delay(op.deadline, now),
+                    ),
+                )
+                added = True
+            elif isinstance(op, _Outcome):
+                record = op.record
+                # Invariant (S8-17): only the lease holder of this attempt writes its outcome.
+                conn.execute(
+                    "UPDATE trio_taskgraph_jobs SET state = %s, output = %b, error = %s,"
+                    " lease_owner = NULL, lease_until = NULL, finished = clock_timestamp()"
+                    " WHERE id = %s AND lease_owner = %s AND attempt = %s AND state = 'running'",
+                    (
+                        record.state.value,
+                        op.output,
+                        record.error,
+                        record.id,
+                        self._owner,
+                        record.attempt,
+                    ),
+                )
+                notes.append(f"done:{record.id}")
+            elif isinstance(op, _Release):
+                retry = op.record
+                if retry is None:
+                    conn.execute(
+                        "UPDATE trio_taskgraph_jobs SET state = 'pending', attempt = attempt - 1,"
+                        " lease_owner = NULL, lease_until = NULL"
+                        " WHERE id = %s AND lease_owner = %s AND attempt = %s"
+                        " AND state = 'running'",
+                        (op.job_id, self._owner, op.attempt),
+                    )
+                else:
+                    conn.execute(
+                        "UPDATE trio_taskgraph_jobs SET state = 'pending', error = %s,"
+                        " lease_owner = NULL, lease_until = NULL,"
+                        " run_after = clock_timestamp() + %s * interval '1 second'"
+                        " WHERE id = %s AND lease_owner = %s AND attempt = %s"
+                        " AND state = 'running'",
+                        (
+                            retry.error,
+                            _delay(retry.run_after, now),
+                            op.job_id,
+                            self._owner,
+                            op.attempt,
+                        ),
+                    )
+                added = True
+            else:
+                conn.execute(
+                    "UPDATE trio_taskgraph_jobs SET state = 'cancelled', finished ="
+                    " clock_timestamp() WHERE id = %s AND queue = %s AND state = 'pending'",
+                    (op.job_id, self._queue),
+                )
+                conn.execute(
+                    "UPDATE trio_taskgraph_jobs SET cancel_requested = true"
+                    " WHERE id = %s AND queue = %s AND state = 'running'",
+                    (op.job_id, self._queue),
+                )
+                notes.append(f"cancel:{op.job_id}")
+        if added:
+            notes.append("new:")
+        for note in notes:
+            conn.execute("SELECT pg_notify(%s, %s)", (self._channel, note))
+        return added
+
+    async def _write(self, batch: list[_Op]) -> None:
+        await self._start()
+        now = trio.current_time()
+        added = await self._do(lambda conn: self._write_batch(conn, batch, now))
+        if added:
+            self._lot.unpark_all()
+
+    def _renew(self, conn: Conn, *, held: list[str]) -> list[tuple[str, bool]]:
+        rows = conn.execute(
+            "UPDATE trio_taskgraph_jobs SET lease_until = clock_timestamp() + %s * interval"
+            " '1 second' WHERE id = ANY(%s) AND lease_owner = %s AND state = 'running'"
+            " RETURNING id, cancel_requested",
+            (self._lease, held, self._owner),
+        ).fetchall()
+        return [(str(r[0]), bool(r[1])) for r in rows]
+
+    async def _renewer(self) -> None:
+        while True:
+            await trio.sleep(self._lease / 3)
+            held = list(self._held)
+            if not held:
+                continue
+            rows = await self._do(functools.partial(self._renew, held=held))
+            kept = {job_id for job_id, _ in rows}
+            for job_id, cancel in rows:
+                if cancel:
+                    self._cancel_held(job_id)
+            for job_id in held:
+                if job_id not in kept and job_id in self._held:
+                    # The lease is gone (another worker owns the job): stop running it.
+                    self._cancel_held(job_id)
+
+    def _cancel_held(self, job_id: str) -> None:
+        if job_id in self._held and self._on_cancel is not None:
+            self._on_cancel(job_id)
+
+    def _load(self, conn: Conn, ids: list[str]) -> list[tuple[JobRecord, Mapping[str, object]]]:
+        rows = conn.execute(_SELECT_RECORDS, (self._queue, ids)).fetchall()
+        out = []
+        for job_id, kind, task_type, inputs, state, attempt, retries, output, error, wait in rows:
+            record = JobRecord(
+                id=str(job_id),
+                kind=str(kind),
+                task_type=str(task_type),
+                state=JobState(state),
+                attempt=int(attempt),
+                max_retries=int(retries),
+                run_after=None if wait is None else float(wait),  # relative: fixed below
+                output=_decode_mapping(None if output is None else bytes(output)),
+                error=None if error is None else str(error),
+            )
+            decoded = _decode_mapping(bytes(inputs))
+            assert decoded is not None
+            out.append((record, decoded))
+        return out
+
+    async def _refresh(self) -> None:
+        ids = [i for i in self._watched if i not in self._held]
+        if not ids:
+            return
+        loaded = await self._do(lambda conn: self._load(conn, ids))
+        now = trio.current_time()
+        for record, inputs in loaded:
+            if record.id in self._held:
+                continue
+            fixed = attrs.evolve(
+                record, run_after=None if record.run_after is None else now + record.run_after
+            )
+            previous = self._records.get(record.id)
+            self._records[record.id] = fixed
+            if fixed.terminal:
+                self._watched.discard(record.id)
+            if previous != fixed and self._on_record is not None:
+                self._on_record(fixed, inputs)
+
+    async def _listener(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        from ._repository._postgres import _close, _connect
+
+        conn = await _run(_connect, self._shared.dsn)
+        try:
+            await _run(self._listen, conn)
+            task_status.started()
+            pgconn = conn.pgconn
+            while True:
+                with trio.move_on_after(self._poll):
+                    await trio.lowlevel.wait_readable(pgconn.socket)
+                pgconn.consume_input()
+                new = cancels = done = False
+                while (note := pgconn.notifies()) is not None:
+                    kind, _, job_id = note.extra.decode().partition(":")
+                    if kind == "new":
+                        new = True
+                    elif kind == "cancel":
+                        cancels = True
+                        self._cancel_held(job_id)
+                    elif kind == "done":
+                        done = True
+                if new or not (cancels or done):
+                    self._lot.unpark_all()  # new jobs, or the fallback poll
+                if self._watched:
+                    self._dirty.set()  # the flusher refreshes the watched jobs
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_close, conn)
+
+    def _listen(self, conn: Conn) -> None:
+        conn.autocommit = True
+        conn.execute(f'LISTEN "{self._channel}"')
+
+    async def aclose(self) -> None:
+        """
+        Close the store's pooled connections (buffered operations are dropped: `flush`
+        first).
+
+        Cancellation: shielded; the connections are closed whatever happens.
+        """
+        with trio.CancelScope(shield=True):
+            await self._shared.aclose()
