@@ -10,6 +10,7 @@ which job and that no two runs of a job overlapped.
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -46,7 +47,7 @@ class Record(tg.Task):
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         n, sleep = inputs["n"], inputs.get("sleep", 0)
         assert isinstance(sleep, int | float)
-        _log(inputs["log"], f"start {n} {os.getpid()}")
+        _log(inputs["log"], f"start {n} {os.getpid()} {time.time():.3f}")
         await trio.sleep(sleep)
         _log(inputs["log"], f"end {n} {os.getpid()}")
         return {"n": n, "pid": os.getpid()}
@@ -83,9 +84,13 @@ class Flaky(tg.Task):
 
 
 class Blocks(tg.Task):
-    """Streams ``blocks`` blocks of 64 KiB, block ``i`` filled with byte ``i % 251``."""
+    """
+    Streams ``blocks`` blocks of 64 KiB, block ``i`` filled with byte ``i % 251``; cacheable,
+    so its output is stored in the run's cache and returned as a `CacheRef`.
+    """
 
     type = "pgjobs.Blocks"
+    cacheable = True
     input_schema: Mapping[str, object] = {"properties": {"blocks": {"type": "integer"}}}
     output_schema: Mapping[str, object] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}, "pid": {}}

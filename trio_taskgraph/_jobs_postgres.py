@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import socket
 import uuid
@@ -74,6 +75,9 @@ DEFAULT_LEASE_SECONDS: Final = 30.0
 #: Seconds an idle claimer waits at most without a NOTIFY before looking again.
 DEFAULT_POLL_INTERVAL: Final = 5.0
 _MAX_BATCH: Final = 500
+_RETRY_SECONDS: Final = 0.5
+
+logger = logging.getLogger("trio_taskgraph.jobs")
 _MAX_INPUT_BYTES: Final = 64 * 1024 * 1024
 
 _SCHEMA: Final = (
@@ -245,6 +249,8 @@ class PostgresJobStore:
         poll_interval: the longest an idle worker waits without a ``NOTIFY`` before it looks
             for due jobs again.
         max_connections: connections this store holds at most (besides its ``LISTEN`` one).
+        claim: ``False`` for a process that only submits and watches jobs: its queue's
+            workers never claim any (S8-16).
 
     Raises:
         TypeError: ``dsn`` or ``queue`` is not a str.
@@ -262,12 +268,15 @@ class PostgresJobStore:
     _held: dict[str, int]
     _released: set[str]
     _watched: set[str]
+    _done_ids: set[str]
+    _full_refresh: bool
     _lot: trio.lowlevel.ParkingLot
     _flush_lock: trio.Lock
     _dirty: trio.Event
     _ready: bool
     _on_record: Callable[[JobRecord, Mapping[str, object]], None] | None
     _on_cancel: Callable[[str], None] | None
+    _claims: bool
 
     def __init__(
         self,
@@ -277,6 +286,7 @@ class PostgresJobStore:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_connections: int = 8,
+        claim: bool = True,
     ) -> None:
         dsn_value: object = dsn
         queue_value: object = queue
@@ -301,12 +311,15 @@ class PostgresJobStore:
         self._held = {}
         self._released = set()
         self._watched = set()
+        self._done_ids = set()
+        self._full_refresh = False
         self._lot = trio.lowlevel.ParkingLot()
         self._flush_lock = trio.Lock()
         self._dirty = trio.Event()
         self._ready = False
         self._on_record = None
         self._on_cancel = None
+        self._claims = bool(claim)
 
     def __repr__(self) -> str:
         # Never the DSN: it may hold a password.
@@ -394,6 +407,7 @@ class PostgresJobStore:
     def watch(self, job_id: str) -> None:
         """Follow a job another process runs: its records reach the queue's callback."""
         self._watched.add(job_id)
+        self._full_refresh = True
         self._dirty.set()
 
     def request_cancel(self, job_id: str) -> None:
@@ -419,6 +433,8 @@ class PostgresJobStore:
         from ._task import registered_task_types
 
         await self._start()
+        if not self._claims:
+            await trio.sleep_forever()
         params: dict[str, object] = {
             "me": self._owner,
             "lease": self._lease,
@@ -507,13 +523,31 @@ class PostgresJobStore:
         while True:
             await self._dirty.wait()
             self._dirty = trio.Event()
-            await self.flush()
-            if self._watched:
-                await self._refresh()
+            try:
+                await self.flush()
+                if self._watched:
+                    await self._refresh()
+            except RepositoryError:
+                # Nothing is lost: unwritten operations stay buffered; try again soon.
+                logger.warning("job store flush failed; retrying", exc_info=True)
+                self._dirty.set()
+                await trio.sleep(_RETRY_SECONDS)
 
     def _write_batch(self, conn: Conn, batch: list[_Op], now: float) -> bool:
         added = False
         notes: list[str] = []
+        touched = sorted(
+            {
+                op.record.id if isinstance(op, _Outcome) else op.job_id
+                for op in batch
+                if not isinstance(op, _Insert)
+            }
+        )
+        if touched:
+            conn.execute(
+                "SELECT 1 FROM trio_taskgraph_jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                (touched,),
+            )
         for op in batch:
             if isinstance(op, _Insert):
                 record, policy = op.record, op.policy
@@ -604,9 +638,12 @@ class PostgresJobStore:
             self._lot.unpark_all()
 
     def _renew(self, conn: Conn, *, held: list[str]) -> list[tuple[str, bool]]:
+        # Invariant (S8-17): rows are locked in id order, as the flusher locks them, so a
+        # renewal and a batch of outcomes never deadlock.
         rows = conn.execute(
             "UPDATE trio_taskgraph_jobs SET lease_until = clock_timestamp() + %s * interval"
-            " '1 second' WHERE id = ANY(%s) AND lease_owner = %s AND state = 'running'"
+            " '1 second' WHERE id IN (SELECT id FROM trio_taskgraph_jobs WHERE id = ANY(%s)"
+            " AND lease_owner = %s AND state = 'running' ORDER BY id FOR UPDATE)"
             " RETURNING id, cancel_requested",
             (self._lease, held, self._owner),
         ).fetchall()
@@ -618,7 +655,11 @@ class PostgresJobStore:
             held = list(self._held)
             if not held:
                 continue
-            rows = await self._do(functools.partial(self._renew, held=held))
+            try:
+                rows = await self._do(functools.partial(self._renew, held=held))
+            except RepositoryError:
+                logger.warning("job lease renewal failed; retrying", exc_info=True)
+                continue
             kept = {job_id for job_id, _ in rows}
             for job_id, cancel in rows:
                 if cancel:
@@ -653,7 +694,15 @@ class PostgresJobStore:
         return out
 
     async def _refresh(self) -> None:
-        ids = [i for i in self._watched if i not in self._held]
+        # Only the jobs a NOTIFY named, unless a poll (or a new watch) asks for all of them:
+        # a submitter watching many jobs reads each finished one once, not all every time.
+        if self._full_refresh:
+            self._full_refresh = False
+            self._done_ids.clear()
+            wanted: set[str] | list[str] = self._watched
+        else:
+            wanted, self._done_ids = self._done_ids, set()
+        ids = [i for i in wanted if i in self._watched and i not in self._held]
         if not ids:
             return
         loaded = await self._do(lambda conn: self._load(conn, ids))
@@ -685,19 +734,22 @@ class PostgresJobStore:
                 with trio.move_on_after(self._poll):
                     await trio.lowlevel.wait_readable(pgconn.socket)
                 pgconn.consume_input()
-                new = cancels = done = False
+                new = heard = False
                 while (note := pgconn.notifies()) is not None:
+                    heard = True
                     kind, _, job_id = note.extra.decode().partition(":")
                     if kind == "new":
                         new = True
                     elif kind == "cancel":
-                        cancels = True
                         self._cancel_held(job_id)
+                        self._done_ids.add(job_id)
                     elif kind == "done":
-                        done = True
-                if new or not (cancels or done):
+                        self._done_ids.add(job_id)
+                if new or not heard:
                     self._lot.unpark_all()  # new jobs, or the fallback poll
-                if self._watched:
+                if not heard:
+                    self._full_refresh = True
+                if self._watched and (self._full_refresh or self._done_ids):
                     self._dirty.set()  # the flusher refreshes the watched jobs
         finally:
             with trio.CancelScope(shield=True):
