@@ -40,6 +40,7 @@ from trio_taskgraph.testing._postgres_server import TEST_SETTINGS, throwaway_pos
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.7
+PREFETCH = int(os.environ.get("BENCH_PREFETCH", "8"))
 _names = itertools.count()
 
 _BARE_CLAIM = """
@@ -133,6 +134,7 @@ def _run_once(kind: str, dsn: str, jobs: int, workers: int) -> float:
         argv = [
             sys.executable, "-m", "trio_taskgraph", "worker", "--dsn", dsn,
             "--import", "tests.pgjobs_tasks", "--workers", str(workers),
+            "--prefetch", str(PREFETCH),
         ]  # fmt: skip
     else:
         argv = [sys.executable, __file__, "--bare-worker", dsn, str(workers)]
@@ -170,7 +172,10 @@ def main() -> None:
                 times[kind].append(_run_once(kind, dsn, jobs, args.workers))
     ours, bare = statistics.median(times["ours"]), statistics.median(times["bare"])
     ratio = bare / ours
-    print(f"{jobs} tiny jobs, 2 worker processes x {args.workers}, {pairs} pair(s), medians")
+    print(
+        f"{jobs} tiny jobs, 2 worker processes x {args.workers} (ours: --prefetch {PREFETCH}),"
+        f" {pairs} pair(s), medians"
+    )
     print(f"{'':38} {'seconds':>8} {'jobs/s':>9}")
     print(f"{'PostgresJobStore workers (CLI)':38} {ours:8.3f} {jobs / ours:9.0f}")
     print(f"{'bare SKIP LOCKED claim loop':38} {bare:8.3f} {jobs / bare:9.0f}")

@@ -45,6 +45,7 @@ import logging
 import os
 import socket
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final, TypeVar, final
 
@@ -76,6 +77,7 @@ DEFAULT_LEASE_SECONDS: Final = 30.0
 DEFAULT_POLL_INTERVAL: Final = 5.0
 _MAX_BATCH: Final = 500
 _RETRY_SECONDS: Final = 0.5
+_MAX_CLAIM: Final = 64
 
 logger = logging.getLogger("trio_taskgraph.jobs")
 _MAX_INPUT_BYTES: Final = 64 * 1024 * 1024
@@ -114,7 +116,7 @@ _CLAIM: Final = """
     UPDATE trio_taskgraph_jobs j
     SET state = 'running', attempt = j.attempt + 1, lease_owner = %(me)s,
         lease_until = clock_timestamp() + %(lease)s * interval '1 second'
-    WHERE j.id = (
+    WHERE j.id IN (
         SELECT id FROM trio_taskgraph_jobs
         WHERE queue = %(queue)s AND state IN ('pending', 'running')
           AND task_type = ANY(%(types)s)
@@ -123,10 +125,10 @@ _CLAIM: Final = """
                    AND NOT cancel_requested))
         ORDER BY run_after, seq
         FOR UPDATE SKIP LOCKED
-        LIMIT 1
+        LIMIT %(limit)s
     )
     RETURNING j.id, j.kind, j.task_type, j.inputs, j.attempt, j.max_retries, j.retry_delay,
-              j.retry_backoff, j.error
+              j.retry_backoff, j.error, j.run_after, j.seq
 """
 
 # A job whose owner died after a cancel request ends cancelled, not run again.
@@ -251,6 +253,9 @@ class PostgresJobStore:
         max_connections: connections this store holds at most (besides its ``LISTEN`` one).
         claim: ``False`` for a process that only submits and watches jobs: its queue's
             workers never claim any (S8-16).
+        prefetch: jobs claimed beyond the idle workers' needs, per claim statement (default
+            0). More throughput for tiny jobs; but a prefetched job waits for a worker of
+            this process while another process may be idle, so keep 0 for long jobs.
 
     Raises:
         TypeError: ``dsn`` or ``queue`` is not a str.
@@ -277,6 +282,11 @@ class PostgresJobStore:
     _on_record: Callable[[JobRecord, Mapping[str, object]], None] | None
     _on_cancel: Callable[[str], None] | None
     _claims: bool
+    _prefetch: int
+    _waiting: int
+    _claiming_now: bool
+    _claimed_jobs: deque[ClaimedJob]
+    _claim_conn: Conn | None
 
     def __init__(
         self,
@@ -287,6 +297,7 @@ class PostgresJobStore:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_connections: int = 8,
         claim: bool = True,
+        prefetch: int = 0,
     ) -> None:
         dsn_value: object = dsn
         queue_value: object = queue
@@ -320,6 +331,13 @@ class PostgresJobStore:
         self._on_record = None
         self._on_cancel = None
         self._claims = bool(claim)
+        if prefetch < 0:
+            raise ValueError("prefetch must be >= 0")
+        self._prefetch = prefetch
+        self._waiting = 0
+        self._claiming_now = False
+        self._claimed_jobs = deque()
+        self._claim_conn = None
 
     def __repr__(self) -> str:
         # Never the DSN: it may hold a password.
@@ -427,54 +445,112 @@ class PostgresJobStore:
         """
         Wait for a due job of a registered type and claim it (S8-16).
 
-        Cancellation: a claim happens in one thread hop and is returned even when a cancel
-        arrives meanwhile; a cancel while waiting claims nothing.
-        """
-        from ._task import registered_task_types
+        Claims coalesce: one claimer at a time runs the claim statement, for as many jobs as
+        there are claimers waiting in this process (never more: a process claims only what
+        its idle workers can start), and hands them out.
 
+        Cancellation: a claim statement runs in one thread hop and its jobs are kept even
+        when a cancel arrives meanwhile (another claimer takes them; the last claimer to be
+        cancelled releases them to the store); a cancel while waiting claims nothing.
+        """
         await self._start()
         if not self._claims:
             await trio.sleep_forever()
+        self._waiting += 1
+        try:
+            while True:
+                if self._claimed_jobs:
+                    return self._claimed_jobs.popleft()
+                if self._claiming_now:
+                    with trio.move_on_after(self._poll):
+                        await self._lot.park()
+                    continue
+                self._claiming_now = True
+                try:
+                    found = await self._claim_batch(min(self._waiting + self._prefetch, _MAX_CLAIM))
+                finally:
+                    self._claiming_now = False
+                if isinstance(found, list):
+                    for job in found:
+                        self._released.discard(job.record.id)
+                        self._held[job.record.id] = job.record.attempt
+                        self._records[job.record.id] = job.record
+                    self._claimed_jobs.extend(found)
+                    self._lot.unpark_all()
+                    continue
+                wait = self._poll if found is None else min(self._poll, max(found, 0.0) + 0.01)
+                with trio.move_on_after(wait):
+                    await self._lot.park()
+        except BaseException:
+            if self._waiting == 1:
+                # The last claimer leaves (cancelled): what it claimed goes back to the store.
+                while self._claimed_jobs:
+                    self.release(self._claimed_jobs.popleft().record.id)
+            raise
+        finally:
+            self._waiting -= 1
+
+    async def _claim_batch(self, limit: int) -> list[ClaimedJob] | float | None:
+        from ._repository._postgres import _close, _connect
+        from ._task import registered_task_types
+
         params: dict[str, object] = {
             "me": self._owner,
             "lease": self._lease,
             "queue": self._queue,
+            "types": registered_task_types(),
+            "limit": limit,
         }
-        while True:
-            params["types"] = registered_task_types()
-            found = await self._do(lambda conn: self._claim_one(conn, params))
-            if isinstance(found, ClaimedJob):
-                self._held[found.record.id] = found.record.attempt
-                return found
-            wait = self._poll if found is None else min(self._poll, max(found, 0.0) + 0.01)
-            with trio.move_on_after(wait):
-                await self._lot.park()
+        try:
+            if self._claim_conn is None:
+                self._claim_conn = await _run(_connect, self._shared.dsn)
+            conn = self._claim_conn
+            try:
+                return await _transaction(conn, functools.partial(self._claim_rows, params=params))
+            except RepositoryError:
+                self._claim_conn = None
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_close, conn)
+                raise
+        except RepositoryError:
+            logger.warning("claiming jobs failed; retrying", exc_info=True)
+            return _RETRY_SECONDS
 
-    def _claim_one(self, conn: Conn, params: Mapping[str, object]) -> ClaimedJob | float | None:
-        row = conn.execute(_CLAIM, params).fetchone()
-        if row is not None:
-            job_id, kind, task_type, inputs, attempt, max_retries, delay, backoff, error = row
-            record = JobRecord(
-                id=str(job_id),
-                kind=str(kind),
-                task_type=str(task_type),
-                state=JobState.RUNNING,
-                attempt=int(attempt),
-                max_retries=int(max_retries),
-                error=None if error is None else str(error),
-            )
-            self._records[record.id] = record
-            decoded = _decode_mapping(bytes(inputs))
-            assert decoded is not None
-            policy = RetryPolicy(
-                max_retries=int(max_retries), delay=float(delay), backoff=float(backoff)
-            )
-            return ClaimedJob(record=record, inputs=decoded, policy=policy)
+    def _claim_rows(
+        self, conn: Conn, *, params: Mapping[str, object]
+    ) -> list[ClaimedJob] | float | None:
+        rows = conn.execute(_CLAIM, params).fetchall()
+        if rows:
+            # Invariant (S8-16): handed out in (run_after, seq) order.
+            rows.sort(key=lambda r: (r[9], r[10]))
+            return [self._claimed(row) for row in rows]
         conn.execute(_EXPIRED_CANCELS, params)
         due = conn.execute(_NEXT_DUE, params).fetchone()
         if due is None or due[0] is None:
             return None
         return float(due[0])
+
+    @staticmethod
+    def _claimed(row: tuple[object, ...]) -> ClaimedJob:
+        job_id, kind, task_type, inputs, attempt, max_retries, delay, backoff, error = row[:9]
+        assert isinstance(attempt, int)
+        assert isinstance(max_retries, int)
+        assert isinstance(delay, float)
+        assert isinstance(backoff, float)
+        assert isinstance(inputs, bytes | memoryview)
+        record = JobRecord(
+            id=str(job_id),
+            kind=str(kind),
+            task_type=str(task_type),
+            state=JobState.RUNNING,
+            attempt=attempt,
+            max_retries=max_retries,
+            error=None if error is None else str(error),
+        )
+        decoded = _decode_mapping(bytes(inputs))
+        assert decoded is not None
+        policy = RetryPolicy(max_retries=max_retries, delay=delay, backoff=backoff)
+        return ClaimedJob(record=record, inputs=decoded, policy=policy)
 
     # --- background tasks --------------------------------------------------------------------
 
@@ -536,6 +612,7 @@ class PostgresJobStore:
     def _write_batch(self, conn: Conn, batch: list[_Op], now: float) -> bool:
         added = False
         notes: list[str] = []
+        done: list[str] = []
         touched = sorted(
             {
                 op.record.id if isinstance(op, _Outcome) else op.job_id
@@ -585,7 +662,7 @@ class PostgresJobStore:
                         record.attempt,
                     ),
                 )
-                notes.append(f"done:{record.id}")
+                done.append(record.id)
             elif isinstance(op, _Release):
                 retry = op.record
                 if retry is None:
@@ -624,6 +701,8 @@ class PostgresJobStore:
                     (op.job_id, self._queue),
                 )
                 notes.append(f"cancel:{op.job_id}")
+        # One NOTIFY per ~200 finished jobs, not one each.
+        notes.extend("done:" + ",".join(done[at : at + 200]) for at in range(0, len(done), 200))
         if added:
             notes.append("new:")
         for note in notes:
@@ -744,7 +823,7 @@ class PostgresJobStore:
                         self._cancel_held(job_id)
                         self._done_ids.add(job_id)
                     elif kind == "done":
-                        self._done_ids.add(job_id)
+                        self._done_ids.update(job_id.split(","))
                 if new or not heard:
                     self._lot.unpark_all()  # new jobs, or the fallback poll
                 if not heard:
@@ -767,4 +846,9 @@ class PostgresJobStore:
         Cancellation: shielded; the connections are closed whatever happens.
         """
         with trio.CancelScope(shield=True):
+            conn, self._claim_conn = self._claim_conn, None
+            if conn is not None:
+                from ._repository._postgres import _close
+
+                await trio.to_thread.run_sync(_close, conn)
             await self._shared.aclose()

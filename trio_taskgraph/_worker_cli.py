@@ -55,13 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--poll", type=float, default=DEFAULT_POLL_INTERVAL, help="fallback poll interval"
     )
     parser.add_argument(
+        "--prefetch", type=int, default=0, help="jobs claimed ahead of idle workers (tiny jobs)"
+    )
+    parser.add_argument(
         "--grace", type=float, default=30.0, help="seconds running jobs get on SIGTERM"
     )
 
 
 async def _serve(args: argparse.Namespace) -> None:
     store = PostgresJobStore(
-        args.dsn, queue=args.queue, lease_seconds=args.lease, poll_interval=args.poll
+        args.dsn,
+        queue=args.queue,
+        lease_seconds=args.lease,
+        poll_interval=args.poll,
+        prefetch=args.prefetch,
     )
     cache = PostgresOutputRepository(args.cache_dsn or args.dsn, namespace=args.namespace)
     config = RunConfig(cache=cache)
