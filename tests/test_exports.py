@@ -107,6 +107,8 @@ EXPECTED_PUBLIC = {
     "PostgresOutputRepository",
     # demo, CLI and docs (issue 9)
     "RowInfo",
+    # scale-out job store on PostgreSQL (issue 11, second part)
+    "PostgresJobStore",
 }
 
 

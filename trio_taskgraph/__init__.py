@@ -79,6 +79,9 @@ from ._jobs import (  # jobs (issue 8)
     open_job_queue as open_job_queue,
 )
 
+# scale-out job store on PostgreSQL (issue 11, second part; psycopg imported lazily)
+from ._jobs_postgres import PostgresJobStore as PostgresJobStore
+
 # output repositories (issue 5)
 from ._repository import (
     FsOutputRepository as FsOutputRepository,
@@ -233,6 +236,8 @@ __all__ = [
     "PostgresOutputRepository",
     # demo, CLI and docs (issue 9)
     "RowInfo",
+    # scale-out job store on PostgreSQL (issue 11, second part)
+    "PostgresJobStore",
 ]
 
 

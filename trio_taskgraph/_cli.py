@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio_taskgraph as tg
-from trio_taskgraph import cache_server
+from trio_taskgraph import _worker_cli, cache_server
 
 from ._units import parse_size
 
@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("cache-server", help="serve a repository folder on a Unix socket")
     cache_server.add_arguments(serve)
     serve.set_defaults(handler=cache_server.run)
+
+    # worker: run PostgresJobStore jobs for the tasks a module registers (issue 11).
+    worker = sub.add_parser("worker", help="run PostgresJobStore jobs")
+    _worker_cli.add_arguments(worker)
+    worker.set_defaults(handler=_worker_cli.run)
 
     return parser
 

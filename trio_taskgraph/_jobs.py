@@ -81,10 +81,11 @@ from ._errors import (
     SubscriberOverflowError,
 )
 from ._runner import RunEvent, run_graph, run_task
-from ._task import RunConfig, Task, TaskContext, TaskGraph
+from ._task import RunConfig, Task, TaskContext, TaskGraph, get_task_class
 
 if TYPE_CHECKING:
     from ._core._events import StreamEvent
+    from ._jobs_postgres import ClaimedJob
 
 __all__ = [
     # re-exported from the core and the error module, so the package imports jobs in one block
@@ -100,6 +101,7 @@ __all__ = [
     "JobHandle",
     "JobQueue",
     "JobQueueStatistics",
+    "ClaimingJobStore",
     "JobStore",
     "MemoryJobStore",
     "StreamCallback",
@@ -193,6 +195,45 @@ class JobStore(Protocol):
         ...
 
 
+@runtime_checkable
+class ClaimingJobStore(JobStore, Protocol):
+    """
+    A job store shared by many processes (spec S8-14): the jobs live in the store, and the
+    queue's workers claim them from it instead of from the in-process schedule.
+    `PostgresJobStore` is one.
+    """
+
+    async def attach(
+        self,
+        nursery: trio.Nursery,
+        *,
+        on_record: Callable[[JobRecord, Mapping[str, object]], None],
+        on_cancel: Callable[[str], None],
+    ) -> None:
+        """Start the store's background tasks in ``nursery`` (the queue's service nursery)."""
+        ...
+
+    def submit(self, record: JobRecord, inputs: Mapping[str, object], policy: RetryPolicy) -> None:
+        """Buffer a new job (synchronous, never blocks)."""
+        ...
+
+    async def claim(self) -> ClaimedJob:
+        """Wait for a due job this process can run, and claim it."""
+        ...
+
+    def watch(self, job_id: str) -> None:
+        """Follow a job run elsewhere: its records reach ``on_record``."""
+        ...
+
+    def request_cancel(self, job_id: str) -> None:
+        """Cancel a job wherever it runs."""
+        ...
+
+    def release(self, job_id: str) -> None:
+        """Give back a claimed job unfinished (pending again, its attempt not counted)."""
+        ...
+
+
 @final
 @attrs.define(eq=False)
 class MemoryJobStore:
@@ -255,7 +296,7 @@ class _Subscriber:
 @attrs.define(eq=False)
 class _Job:
     record: JobRecord
-    work: JobWork
+    work: JobWork | None
     policy: RetryPolicy
     handle: JobHandle | None = None
     done: trio.Event = attrs.Factory(trio.Event)
@@ -266,6 +307,8 @@ class _Job:
     subscribers: list[_Subscriber] = attrs.Factory(list)
     exception: BaseException | None = None
     finished_stream: bool = False
+    # Shared store (S8-14): claimed here without a handle asked for here; dropped when done.
+    claimed_only: bool = False
 
     @property
     def state(self) -> JobState:
@@ -442,6 +485,7 @@ class JobHandle:
         await self.result()
         value = self._select(port)
         if isinstance(value, CacheRef):
+            assert self._job.work is not None
             cache = self._job.work.config.cache
             if cache is None:
                 raise JobOutputError(
@@ -460,6 +504,10 @@ class JobHandle:
         job = self._job
         output = job.record.output
         assert output is not None
+        if job.work is None:
+            raise JobOutputError(
+                f"job {self.id}: its task type {job.record.task_type!r} is not registered here"
+            )
         target = job.work.target
         if isinstance(target, Task):
             where: Mapping[str, object] = output
@@ -706,6 +754,11 @@ class JobQueue:
         self._counts = dict.fromkeys(JobState, 0)
         self._dropped = 0
         self._observers: list[Callable[[JobRecord], object]] = []
+        # A shared store (S8-14): jobs are claimed from it, not from `_schedule`.
+        self._claiming: ClaimingJobStore | None = (
+            store if isinstance(store, ClaimingJobStore) else None
+        )
+        self._claim_scopes: set[trio.CancelScope] = set()
 
     @property
     def config(self) -> RunConfig:
@@ -782,6 +835,16 @@ class JobQueue:
             raise TypeError(
                 f"submit needs a Task instance or a TaskGraph, not {type(task_or_graph).__name__}"
             )
+        if self._claiming is not None:
+            # Invariant (S8-14): other processes find the task by its registered type.
+            if kind == "graph":
+                raise TypeError("a shared job store runs tasks (by registered type), not graphs")
+            try:
+                registered = get_task_class(task_type)
+            except KeyError:
+                registered = None
+            if registered is not type(task_or_graph):
+                raise TypeError(f"task type {task_type!r} is not registered by this class")
         now = trio.current_time()
         if run_after is not None:
             _check_deadline(run_after)
@@ -798,8 +861,12 @@ class JobQueue:
         handle = JobHandle(self, job)
         job.handle = handle
         self._jobs[job_id] = job
-        self._store.save(record)
         self._counts[JobState.PENDING] += 1
+        if self._claiming is not None:
+            self._claiming.submit(record, work_inputs, policy)
+            self._notify(record)
+            return handle
+        self._store.save(record)
         self._notify(record)
         # Invariant (S8-3): due at run_after, or at submission time.
         self._schedule.push(job_id, now if run_after is None else float(run_after))
@@ -846,12 +913,59 @@ class JobQueue:
         """
         Return the handle of job ``job_id``.
 
+        With a shared store (`PostgresJobStore`), ``job_id`` may name a job submitted in
+        another process: the handle follows it through the store (its state, `result`,
+        `cancel`, `open_output_stream` through the run's cache), and waits for a job that is
+        not in the store yet (S8-21).
+
         Raises:
-            KeyError: no such job in this queue.
+            KeyError: no such job in this queue (in-memory store only).
         """
-        job = self._jobs[job_id]
+        job = self._jobs.get(job_id)
+        if job is None:
+            if self._claiming is None:
+                raise KeyError(job_id)
+            record = JobRecord(id=job_id, kind="task", task_type="")
+            job = _Job(record=record, work=None, policy=RetryPolicy())
+            job.handle = JobHandle(self, job)
+            self._jobs[job_id] = job
+            self._counts[JobState.PENDING] += 1
+            self._claiming.watch(job_id)
+        job.claimed_only = False
         assert job.handle is not None
         return job.handle
+
+    # --- a shared store's reports -----------------------------------------------------------
+
+    def _work_for(self, task_type: str, inputs: Mapping[str, object]) -> JobWork | None:
+        try:
+            task = get_task_class(task_type)()
+        except Exception:
+            return None
+        return JobWork(target=task, inputs=dict(inputs), config=self._config)
+
+    def _on_remote_record(self, record: JobRecord, inputs: Mapping[str, object]) -> None:
+        # A watched job's record, as another process wrote it (S8-21).
+        job = self._jobs.get(record.id)
+        if job is None or job.scope is not None or job.record.terminal:
+            return
+        if job.work is None:
+            job.work = self._work_for(record.task_type, inputs)
+        before = job.record.state
+        job.record = record
+        self._counts[before] -= 1
+        self._counts[record.state] += 1
+        if record.terminal:
+            job.done.set()
+        self._notify(record)
+
+    def _on_remote_cancel(self, job_id: str) -> None:
+        # Cancel requested elsewhere, or the lease lost, for a job running here (S8-20).
+        job = self._jobs.get(job_id)
+        if job is not None and job.record.state is JobState.RUNNING:
+            job.cancel_requested = True
+            if job.scope is not None:
+                job.scope.cancel()
 
     # --- transitions ------------------------------------------------------------------------
 
@@ -876,6 +990,11 @@ class JobQueue:
 
     def _cancel(self, job: _Job) -> None:
         state = job.record.state
+        if self._claiming is not None and job.scope is None:
+            # Invariant (S8-20): the store decides: pending there, or running elsewhere.
+            if not job.record.terminal:
+                self._claiming.request_cancel(job.record.id)
+            return
         if state is JobState.PENDING:
             self._schedule.discard(job.record.id)
             self._apply(job, JobEvent.CANCEL)
@@ -886,7 +1005,41 @@ class JobQueue:
 
     # --- workers ----------------------------------------------------------------------------
 
+    async def _claim_shared(self, claiming: ClaimingJobStore) -> _Job | None:
+        while True:
+            if self._closing:
+                return None
+            claimed: ClaimedJob | None = None
+            with trio.CancelScope() as scope:
+                self._claim_scopes.add(scope)
+                try:
+                    claimed = await claiming.claim()
+                finally:
+                    self._claim_scopes.discard(scope)
+            if claimed is None:
+                return None
+            record = claimed.record
+            work = self._work_for(record.task_type, claimed.inputs)
+            if work is None:  # pragma: no cover - the claim asks for registered types only
+                claiming.release(record.id)
+                continue
+            job = self._jobs.get(record.id)
+            if job is None:
+                job = _Job(record=record, work=work, policy=claimed.policy, claimed_only=True)
+                job.handle = JobHandle(self, job)
+                self._jobs[record.id] = job
+                self._counts[JobState.RUNNING] += 1
+            else:
+                self._counts[job.record.state] -= 1
+                self._counts[JobState.RUNNING] += 1
+                job.record, job.work, job.policy = record, work, claimed.policy
+                job.cancel_requested = False
+            self._notify(record)
+            return job
+
     async def _claim(self) -> _Job | None:
+        if self._claiming is not None:
+            return await self._claim_shared(self._claiming)
         while True:
             if self._closing:
                 return None
@@ -911,9 +1064,14 @@ class JobQueue:
                 await self._run(job)
             finally:
                 self._running -= 1
+            if job.claimed_only and job.record.state is not JobState.RUNNING:
+                # A worker process keeps no record of the jobs it ran for others.
+                self._jobs.pop(job.record.id, None)
+                self._store.forget(job.record.id)
 
     async def _run(self, job: _Job) -> None:
         record = job.record
+        assert job.work is not None
         config = job.work.config
         # Each attempt runs as "<job id>-<attempt>".
         work = JobWork(
@@ -937,7 +1095,7 @@ class JobQueue:
                     try:
                         try:
                             output = await self._runner(work, lambda e: _publish(job, e))
-                            if not job.finished_stream and isinstance(job.work.target, Task):
+                            if not job.finished_stream and isinstance(work.target, Task):
                                 _publish(job, Finish(output))
                         except Exception as exc:
                             error = exc
@@ -973,17 +1131,21 @@ class JobQueue:
 
     def _finish_cancelled(self, job: _Job) -> None:
         if job.record.state is JobState.RUNNING:
+            if self._claiming is not None and not job.cancel_requested:
+                # Invariant (S8-18): a worker shutting down gives its job back, not cancels it.
+                self._claiming.release(job.record.id)
             self._apply(job, JobEvent.CANCEL)
 
     def _failed(self, job: _Job, error: Exception) -> None:
         job.exception = error
         text = f"{type(error).__name__}: {error}"
         decision = job.policy.decide(job.record.attempt, error)
-        if decision.retry and not self._closing:
+        if decision.retry and (not self._closing or self._claiming is not None):
             due = trio.current_time() + decision.delay
             self._apply(job, JobEvent.RETRY, error=text, run_after=due)
-            self._schedule.push(job.record.id, due)
-            self._lot.unpark()
+            if self._claiming is None:
+                self._schedule.push(job.record.id, due)
+                self._lot.unpark()
         elif decision.retry:
             self._apply(job, JobEvent.CANCEL)
         else:
@@ -992,8 +1154,11 @@ class JobQueue:
     def _close(self) -> None:
         # Pending jobs are cancelled; running ones finish; idle workers return.
         self._closing = True
+        for scope in list(self._claim_scopes):
+            scope.cancel()
         for job in list(self._jobs.values()):
-            if job.record.state is JobState.PENDING:
+            # A shared store's pending jobs are the store's: other workers run them.
+            if job.record.state is JobState.PENDING and self._claiming is None:
                 self._schedule.discard(job.record.id)
                 self._apply(job, JobEvent.CANCEL)
         self._lot.unpark_all()
@@ -1051,27 +1216,37 @@ async def open_job_queue(
     elif not isinstance(store, JobStore):
         raise TypeError(f"store must be a JobStore, not {type(store).__name__}")
     queue = JobQueue(config, count, store, _runner if _runner is not None else _default_runner())
+    claiming = queue._claiming
     body_error: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            for _ in range(count):
-                nursery.start_soon(queue._worker)
-            try:
-                yield queue
-            except BaseException as exc:
-                # Re-raised as itself below, not wrapped in the nursery's exception group.
-                body_error = exc
-                queue._close()
-                nursery.cancel_scope.cancel()
-            else:
-                queue._close()
-    finally:
-        queue._closing = True
-        for job in list(queue._jobs.values()):
-            if not job.record.terminal:
-                queue._schedule.discard(job.record.id)
-                queue._apply(job, JobEvent.CANCEL)
-        with trio.CancelScope(shield=True):
-            await store.flush()
+    # The service nursery holds a shared store's flusher, renewer and listener (S8-15..18);
+    # it outlives the workers so their outcomes are written before it stops.
+    async with trio.open_nursery() as service:
+        if claiming is not None:
+            await claiming.attach(
+                service, on_record=queue._on_remote_record, on_cancel=queue._on_remote_cancel
+            )
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(count):
+                    nursery.start_soon(queue._worker)
+                try:
+                    yield queue
+                except BaseException as exc:
+                    # Re-raised as itself below, not wrapped in the nursery's exception group.
+                    body_error = exc
+                    queue._close()
+                    nursery.cancel_scope.cancel()
+                else:
+                    queue._close()
+        finally:
+            queue._closing = True
+            for job in list(queue._jobs.values()):
+                # A shared store's unfinished jobs are the store's (S8-14): left alone.
+                if not job.record.terminal and claiming is None:
+                    queue._schedule.discard(job.record.id)
+                    queue._apply(job, JobEvent.CANCEL)
+            with trio.CancelScope(shield=True):
+                await store.flush()
+            service.cancel_scope.cancel()
     if body_error is not None:
         raise body_error
