@@ -21,6 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 import trio_taskgraph as tg
 import trio_taskgraph._stream_processor as sp
+from tests.graph_tasks import Join, Relay
 from trio_taskgraph.testing import (
     cancel_at_each_checkpoint,
     cancel_at_random_checkpoints,
@@ -49,47 +50,6 @@ class Source(tg.Task):
         assert isinstance(chunk, int)
         for start in range(0, size, chunk):
             yield tg.BinaryDelta("data", b"s" * min(chunk, size - start))
-
-
-class Relay(tg.Task):
-    type = "test_runner_cancellation.Relay"
-    input_schema: Mapping[str, object] = {
-        "properties": {"data": {"x-stream": "binary"}, "tag": {}},
-        "required": ["data"],
-    }
-    output_schema: Mapping[str, object] = {
-        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
-    }
-    cacheable = True
-
-    async def execute_stream(
-        self, inputs: Mapping[str, object], ctx: tg.TaskContext
-    ) -> AsyncIterator[tg.StreamEvent]:
-        stream = inputs["data"]
-        assert isinstance(stream, tg.BinaryInputStream)
-        async for chunk in stream:
-            yield tg.BinaryDelta("data", chunk)
-
-
-class Join(tg.Task):
-    type = "test_runner_cancellation.Join"
-    input_schema: Mapping[str, object] = {
-        "properties": {"a": {"x-stream": "binary"}, "b": {"x-stream": "binary"}},
-        "required": ["a", "b"],
-    }
-    output_schema: Mapping[str, object] = {
-        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
-    }
-    cacheable = True
-
-    async def execute_stream(
-        self, inputs: Mapping[str, object], ctx: tg.TaskContext
-    ) -> AsyncIterator[tg.StreamEvent]:
-        for port in ("a", "b"):
-            stream = inputs[port]
-            assert isinstance(stream, tg.BinaryInputStream)
-            async for chunk in stream:
-                yield tg.BinaryDelta("data", chunk)
 
 
 class Total(tg.Task):

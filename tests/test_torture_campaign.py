@@ -41,6 +41,7 @@ import trio
 
 import trio_taskgraph as tg
 import trio_taskgraph._stream_processor as sp
+from tests.graph_tasks import Join, Relay
 from tests.server_harness import in_process_server
 from trio_taskgraph.testing import cancel_at_each_checkpoint, torture_max_points
 
@@ -249,49 +250,6 @@ class TwoPorts(tg.Task):
             n = min(chunk, size - start)
             yield tg.BinaryDelta("x", b"x" * n)
             yield tg.BinaryDelta("y", b"y" * n)
-
-
-class Relay(tg.Task):
-    type = "test_torture_campaign.Relay"
-    input_schema: Mapping[str, object] = {
-        "properties": {"data": {"x-stream": "binary"}, "tag": {}},
-        "required": ["data"],
-    }
-    output_schema: Mapping[str, object] = {
-        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
-    }
-    cacheable = True
-
-    async def execute_stream(
-        self, inputs: Mapping[str, object], ctx: tg.TaskContext
-    ) -> AsyncIterator[tg.StreamEvent]:
-        stream = inputs["data"]
-        assert isinstance(stream, tg.BinaryInputStream)
-        async for chunk in stream:
-            yield tg.BinaryDelta("data", chunk)
-
-
-class Join(tg.Task):
-    """Streams ``a`` then ``b``: a fan-in of two streamed inputs."""
-
-    type = "test_torture_campaign.Join"
-    input_schema: Mapping[str, object] = {
-        "properties": {"a": {"x-stream": "binary"}, "b": {"x-stream": "binary"}},
-        "required": ["a", "b"],
-    }
-    output_schema: Mapping[str, object] = {
-        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
-    }
-    cacheable = True
-
-    async def execute_stream(
-        self, inputs: Mapping[str, object], ctx: tg.TaskContext
-    ) -> AsyncIterator[tg.StreamEvent]:
-        for port in ("a", "b"):
-            stream = inputs[port]
-            assert isinstance(stream, tg.BinaryInputStream)
-            async for chunk in stream:
-                yield tg.BinaryDelta("data", chunk)
 
 
 class Total(tg.Task):
