@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -36,47 +35,18 @@ import time
 
 import psycopg
 import trio
+from _repo_bench import CHUNK, chunk, ours_read, ours_write, peak_rss_kib, stream_into
 
-from trio_taskgraph import CacheRef, PostgresOutputRepository
+from trio_taskgraph import PostgresOutputRepository
 from trio_taskgraph.testing._postgres_server import TEST_SETTINGS, throwaway_postgres
 
-CHUNK = 64 * 1024
 PIECE = 4 * 1024 * 1024  # the bare writer's lowrite size (our default write batch)
-SOURCE = os.urandom(8 * 1024 * 1024)
 INV_WRITE, INV_READ = 0x20000, 0x40000
 #: Big WAL, so no forced checkpoint mid-run.
 WAL_SETTINGS = {"max_wal_size": "8GB", "checkpoint_timeout": "30min"}
 #: Default: no fsync, so the figures compare the client paths (ours vs bare) on the same
 #: server work instead of this machine's noisy disk; ``--durable`` keeps fsync on.
 BENCH_SETTINGS = {**TEST_SETTINGS, **WAL_SETTINGS}
-
-
-def _chunk(i: int) -> bytes:
-    offset = (i * CHUNK) % len(SOURCE)
-    return SOURCE[offset : offset + CHUNK]  # a fresh bytes object, as a producer makes
-
-
-async def _produce(send: trio.MemorySendChannel[bytes], total: int) -> None:
-    async with send:
-        for i in range(total // CHUNK):
-            await send.send(_chunk(i))
-
-
-async def stream_into(repo: PostgresOutputRepository, total: int) -> CacheRef:
-    """What the runner does: a producer task feeds a bounded channel, the repository
-    drains its receive side."""
-    send, receive = trio.open_memory_channel[bytes](128)  # 128 x 64 KiB = 8 MiB
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_produce, send, total)
-        ref = await repo.save_output_stream("bench", {}, "out", receive)
-    assert ref.size == total
-    return ref
-
-
-async def ours_write(repo: PostgresOutputRepository, total: int) -> tuple[float, CacheRef]:
-    start = time.perf_counter()
-    ref = await stream_into(repo, total)
-    return time.perf_counter() - start, ref
 
 
 def _bare_write_sync(dsn: str, total: int, piece: int) -> int:
@@ -90,7 +60,7 @@ def _bare_write_sync(dsn: str, total: int, piece: int) -> int:
         per_piece = piece // CHUNK
         for first in range(0, total // CHUNK, per_piece):
             last = min(first + per_piece, total // CHUNK)
-            data = _chunk(first) if last == first + 1 else b"".join(map(_chunk, range(first, last)))
+            data = chunk(first) if last == first + 1 else b"".join(map(chunk, range(first, last)))
             conn.execute("SELECT lowrite(%s, %b)", (fd, data))
         conn.execute("SELECT lo_close(%s)", (fd,))
         conn.commit()
@@ -101,16 +71,6 @@ async def bare_write(dsn: str, total: int, piece: int) -> tuple[float, int]:
     start = time.perf_counter()
     oid = await trio.to_thread.run_sync(_bare_write_sync, dsn, total, piece)
     return time.perf_counter() - start, oid
-
-
-async def ours_read(repo: PostgresOutputRepository, ref: CacheRef) -> float:
-    start = time.perf_counter()
-    got = 0
-    async with repo.open_output_stream_by_ref(ref) as chunks:
-        async for chunk in chunks:
-            got += len(chunk)
-    assert got == ref.size
-    return time.perf_counter() - start
 
 
 def _bare_read_sync(dsn: str, oid: int, piece: int) -> int:
@@ -149,25 +109,13 @@ async def reset(dsn: str, oid: int | None = None) -> None:
     await trio.to_thread.run_sync(_reset_sync, dsn, oid)
 
 
-def _peak_rss_kib(*, reset: bool = False) -> int:
-    """The process's peak RSS (VmHWM); ``reset`` first lowers it to the current RSS."""
-    if reset:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def rss_child(dsn: str, total: int) -> None:
     async def main() -> None:
         repo = PostgresOutputRepository(dsn)
         await repo.stats()  # connect first: the connection is not a streaming cost
-        before = _peak_rss_kib(reset=True)
+        before = peak_rss_kib(reset=True)
         ref = await stream_into(repo, total)
-        after = _peak_rss_kib()
+        after = peak_rss_kib()
         await repo.delete_output_by_ref(ref)
         await repo.aclose()
         print(json.dumps({"growth_kib": after - before}))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -32,46 +31,16 @@ import time
 from pathlib import Path
 
 import trio
+from _repo_bench import CHUNK, chunk, ours_read, ours_write, peak_rss_kib, stream_into
 
-from trio_taskgraph import CacheRef, FsOutputRepository
-
-CHUNK = 64 * 1024
-SOURCE = os.urandom(8 * 1024 * 1024)
-
-
-def _chunk(i: int) -> bytes:
-    offset = (i * CHUNK) % len(SOURCE)
-    return SOURCE[offset : offset + CHUNK]  # a fresh bytes object, as a producer makes
-
-
-async def _produce(send: trio.MemorySendChannel[bytes], total: int) -> None:
-    async with send:
-        for i in range(total // CHUNK):
-            await send.send(_chunk(i))
-
-
-async def stream_into(repo: FsOutputRepository, total: int) -> CacheRef:
-    """What the runner does: a producer task feeds a bounded channel, the repository
-    drains its receive side."""
-    send, receive = trio.open_memory_channel[bytes](128)  # 128 x 64 KiB = 8 MiB
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_produce, send, total)
-        ref = await repo.save_output_stream("bench", {}, "out", receive)
-    assert ref.size == total
-    return ref
-
-
-async def ours_write(repo: FsOutputRepository, total: int) -> tuple[float, CacheRef]:
-    start = time.perf_counter()
-    ref = await stream_into(repo, total)
-    return time.perf_counter() - start, ref
+from trio_taskgraph import FsOutputRepository
 
 
 def _plain_write_sync(folder: Path, total: int) -> None:
     tmp = folder / "plain.tmp"
     with open(tmp, "wb") as f:
         for i in range(total // CHUNK):
-            f.write(_chunk(i))
+            f.write(chunk(i))
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, folder / "plain.bin")
@@ -85,15 +54,6 @@ def _plain_write_sync(folder: Path, total: int) -> None:
 async def plain_write(folder: Path, total: int) -> float:
     start = time.perf_counter()
     await trio.to_thread.run_sync(_plain_write_sync, folder, total)
-    return time.perf_counter() - start
-
-
-async def ours_read(repo: FsOutputRepository, ref: CacheRef) -> float:
-    start = time.perf_counter()
-    got = 0
-    async with repo.open_output_stream_by_ref(ref) as chunks:
-        async for chunk in chunks:
-            got += len(chunk)
     return time.perf_counter() - start
 
 
@@ -111,26 +71,13 @@ async def plain_read(path: Path) -> float:
     return time.perf_counter() - start
 
 
-def _peak_rss_kib(*, reset: bool = False) -> int:
-    """The process's peak RSS (VmHWM; ``ru_maxrss`` would carry the parent's peak over
-    fork+exec). ``reset`` first lowers the peak to the current RSS (``clear_refs`` 5)."""
-    if reset:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def rss_child(folder: str, total: int) -> None:
     async def main() -> None:
         repo = FsOutputRepository(folder)
         await repo.stats()  # open first: the folder and SQLite are not streaming costs
-        before = _peak_rss_kib(reset=True)
+        before = peak_rss_kib(reset=True)
         ref = await stream_into(repo, total)
-        after = _peak_rss_kib()
+        after = peak_rss_kib()
         await repo.delete_output_by_ref(ref)
         await repo.aclose()
         print(json.dumps({"growth_kib": after - before}))
