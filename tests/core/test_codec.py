@@ -5,6 +5,7 @@ The wire codec and the frame decoder (spec/S5-wire-and-server.md, S5-1 .. S5-5).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import pickle
 import struct
 import tracemalloc
@@ -330,11 +331,62 @@ def test_timestamp_shaped_bytes_inside_a_string_are_fine() -> None:
         (b"\xc1", "CacheRef"),
         (b"", "CacheRef"),
         (msgpack.packb([msgpack.ExtType(1, b""), None, None]), "str"),
+        # Three-item values that are not a list: the hot path unpacks any 3-item sequence,
+        # so each must still be refused (a str, a bin, a map of three str keys).
+        (msgpack.packb("abc"), "CacheRef"),
+        (msgpack.packb(b"abc"), "CacheRef"),
+        (msgpack.packb({"ref": "r", "size": 1, "mime": None}), "CacheRef"),
+        (msgpack.packb({"r": "r", "": "s", "m": "m"}), "CacheRef"),
     ],
 )
-def test_malformed_cache_ref_payloads(payload: bytes, match: str) -> None:
-    """S5-3, S3-2: a ref from the wire is validated exactly like a constructed one."""
-    assert_wire_error(ext(wire.EXT_CACHE_REF, payload), match)
+@pytest.mark.parametrize("path", ["default limits", "explicit limits"])
+def test_malformed_cache_ref_payloads(payload: bytes, match: str, path: str) -> None:
+    """
+    S5-3, S3-2: a ref from the wire is validated exactly like a constructed one, on the
+    small-message hot path and on the path with explicit limits alike.
+    """
+    limits = {} if path == "default limits" else {"max_bytes": 1 << 20}
+    assert_wire_error(ext(wire.EXT_CACHE_REF, payload), match, **limits)
+
+
+def test_unpackb_signature_is_the_documented_one() -> None:
+    """
+    S5-3: `unpackb` is documented and introspected with its keyword-only limits, although
+    at run time a fast path with ``**limits`` stands in front of it.
+    """
+    params = inspect.signature(wire.unpackb).parameters
+    assert list(params) == [
+        "data",
+        "max_bytes",
+        "max_depth",
+        "max_container_len",
+        "max_str_len",
+        "max_bin_len",
+    ]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(params.values())[1:])
+    assert wire.unpackb.__name__ == "unpackb"
+    assert "enforcing every wire rule" in (wire.unpackb.__doc__ or "")
+
+
+def test_unpackb_refuses_unknown_and_positional_limits() -> None:
+    """S5-3: a misspelt limit is a TypeError naming it, never silently ignored."""
+    data = wire.packb([1, 2])
+    with pytest.raises(TypeError, match="max_byts"):
+        wire.unpackb(data, max_byts=10)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="positional"):
+        wire.unpackb(data, 10)  # type: ignore[misc]
+    assert wire.unpackb(data=data) == [1, 2]
+
+
+@given(wire_values)
+def test_fast_path_agrees_with_explicit_default_limits(value: object) -> None:
+    """
+    S5-3 (property): the small-message fast path and the checked path (taken whenever a
+    limit is passed, even at its default) decode every value alike.
+    """
+    data = wire.packb(value)
+    explicit = wire.unpackb(data, max_bytes=wire.DEFAULT_MAX_FRAME_BYTES, max_depth=512)
+    assert wire.unpackb(data) == explicit
 
 
 @pytest.mark.parametrize(
