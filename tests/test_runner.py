@@ -143,6 +143,37 @@ class Count(tg.Task):
         return {"size": size, "md": bytes(joined)}
 
 
+class SlowStats(tg.Task):
+    """A streaming consumer that lets its edge fill before every receive, noting its stats."""
+
+    type = "test_runner.SlowStats"
+    input_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary"}},
+        "required": ["data"],
+    }
+    output_schema: Mapping[str, object] = {"properties": {"size": {}, "max": {}, "last": {}}}
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        stream = inputs["data"]
+        assert isinstance(stream, tg.BinaryInputStream)
+        size = most = 0
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            stats = stream.statistics()
+            most = max(most, stats.buffered_bytes)
+            try:
+                chunk = await stream.receive()
+            except trio.EndOfChannel:
+                break
+            size += len(chunk)
+        last = stream.statistics()
+        return {
+            "size": size,
+            "max": most,
+            "last": [last.buffered_bytes, last.peak_buffered_bytes, last.high_water_bytes],
+        }
+
+
 class Boom(tg.Task):
     type = "test_runner.Boom"
     input_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
@@ -292,6 +323,26 @@ async def test_fan_out_streams_the_same_bytes_to_every_consumer() -> None:
     outs = await tg.run_graph(graph, config=tg.RunConfig(binary_high_water_bytes=8000))
     for c in consumers:
         assert outs[c] == {"size": 100_000, "md": expected(100_000, 3000)}
+
+
+async def test_binary_input_stream_reports_its_own_edge() -> None:
+    """
+    S6-55, S2-2: each fan-out consumer's `BinaryInputStream.statistics()` shows its own edge
+    filling to the budget, never past budget + one chunk, and empty at the end.
+    """
+    graph = tg.TaskGraph()
+    p = graph.add(Produce(), inputs={"size": 100_000, "chunk": 3000})
+    consumers = [graph.add(SlowStats()) for _ in range(2)]
+    for c in consumers:
+        graph.connect(p, "data", c, "data")
+    outs = await tg.run_graph(graph, config=tg.RunConfig(binary_high_water_bytes=8000))
+    for c in consumers:
+        out = outs[c]
+        assert out["size"] == 100_000
+        buffered, peak, high_water = out["last"]  # type: ignore[misc]
+        assert (buffered, high_water) == (0, 8000)
+        # The consumer waited for the producer to park before each receive: the edge was full.
+        assert 8000 <= out["max"] <= peak <= 8000 + 3000  # type: ignore[operator]
 
 
 async def test_chain_streams_under_budget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
