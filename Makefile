@@ -43,6 +43,15 @@ fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,fuzz]' || echo "atheris unavailable: harnesses fall back to hypothesis"
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python fuzz/run_all.py
 
+# Line and branch coverage of the whole suite, child processes (cache server, workers) included.
+.PHONY: coverage
+coverage: $(STAMP) postgres-server
+	$(BIN)/python -m pip install --quiet -e '.[test,demo,postgres,cov]'
+	$(BIN)/python -m coverage erase
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(BIN)/python -m coverage run -m pytest -q
+	$(BIN)/python -m coverage combine --quiet
+	$(BIN)/python -m coverage report
+
 bench: $(STAMP)
 	$(BIN)/python -m trio_taskgraph bench
 
