@@ -536,6 +536,25 @@ async def test_stream_protocol_error_fails_the_task() -> None:
     assert isinstance(info.value.__cause__, tg.StreamProtocolError)
 
 
+async def test_execute_returning_a_non_mapping_fails_the_task() -> None:
+    """S6-9, S6-48: ``execute`` must return a mapping; anything else names what it got."""
+
+    class ReturnsList(tg.Task):
+        type = "test_runner.ReturnsList"
+        output_schema: Mapping[str, object] = {"properties": {"v": {}}}
+
+        async def execute(
+            self, inputs: Mapping[str, object], ctx: tg.TaskContext
+        ) -> dict[str, object]:
+            return [("v", 1)]  # type: ignore[return-value]
+
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(ReturnsList(), {})
+    assert info.value.task_type == ReturnsList.type
+    assert isinstance(info.value.__cause__, tg.StreamProtocolError)
+    assert "mapping, not list" in str(info.value.__cause__)
+
+
 class FailingSaveRepo:
     """A memory repository whose save_output fails (after blobs were streamed)."""
 
@@ -963,3 +982,75 @@ async def test_hit_with_inline_values_and_no_streaming_reads_replays_to_consumer
     assert second[c] == first[c] == {"size": 4500, "md": expected(4500, 1000)}
     sizes = [e.event.size for e in events if isinstance(e.event, tg.BinaryDelta)]
     assert sizes == [1000, 1000, 1000, 1000, 500]
+
+
+async def test_hit_replays_an_inline_blob_to_consumers() -> None:
+    """S6-24, S6-45: a cached row holding an inline `Blob` (a blob-format port on a cache
+    that can't stream) replays the Blob's bytes, not the Blob, to streaming consumers."""
+    repo = NoStreamingReads()
+    config = tg.RunConfig(cache=repo, binary_high_water_bytes=1000)
+    parts = [b"\x89PNG", b"z" * 2500]
+
+    def build() -> tuple[tg.TaskGraph, str]:
+        graph = tg.TaskGraph()
+        i = graph.add(Image(), inputs={"parts": parts})
+        c = graph.add(Count())
+        graph.connect(i, "image", c, "data")
+        return graph, c
+
+    graph, c = build()
+    first = await tg.run_graph(graph, config=config)
+    row = await repo.inner.get_output(Image.type, {"parts": parts})
+    assert row == {"image": tg.Blob(b"".join(parts), "image/png")}
+    events: list[tg.RunEvent] = []
+    graph, c = build()
+    second = await tg.run_graph(graph, config=config, on_event=events.append)
+    assert tg.TaskStatus(state="cached") in [e.event for e in events]
+    assert second[c] == first[c] == {"size": 2504, "md": b"".join(parts)}
+    sizes = [e.event.size for e in events if isinstance(e.event, tg.BinaryDelta)]
+    assert sizes == [1000, 1000, 504]
+
+
+class StreamsWritesOnly:
+    """Streaming saves, but reads only whole blobs (no streaming reads)."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+        self.whole_reads = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def supports_streaming_reads(self) -> bool:
+        return False
+
+    async def get_output_by_ref(self, ref: tg.CacheRef) -> bytes:
+        self.whole_reads += 1
+        return await self.inner.get_output_by_ref(ref)
+
+
+async def test_hit_replays_a_ref_read_whole_when_the_cache_cannot_stream_reads() -> None:
+    """S6-24: a hit whose row holds a ref, on a cache without streaming reads, reads the blob
+    whole and replays it to consumers in budget-sized chunks."""
+    repo = StreamsWritesOnly()
+    config = tg.RunConfig(cache=repo, binary_high_water_bytes=1000, reference_threshold_bytes=0)
+
+    def build() -> tuple[tg.TaskGraph, str]:
+        graph = tg.TaskGraph()
+        p = graph.add(Produce(), inputs={"size": 2100, "chunk": 700})
+        c = graph.add(Count())
+        graph.connect(p, "data", c, "data")
+        return graph, c
+
+    graph, c = build()
+    first = await tg.run_graph(graph, config=config)
+    Produce.runs = 0
+    repo.whole_reads = 0
+    events: list[tg.RunEvent] = []
+    graph, c = build()
+    second = await tg.run_graph(graph, config=config, on_event=events.append)
+    assert Produce.runs == 0
+    assert repo.whole_reads >= 1
+    assert second[c] == first[c] == {"size": 2100, "md": expected(2100, 700)}
+    sizes = [e.event.size for e in events if isinstance(e.event, tg.BinaryDelta)]
+    assert sizes == [1000, 1000, 100]
