@@ -1054,3 +1054,65 @@ async def test_hit_replays_a_ref_read_whole_when_the_cache_cannot_stream_reads()
     assert second[c] == first[c] == {"size": 2100, "md": expected(2100, 700)}
     sizes = [e.event.size for e in events if isinstance(e.event, tg.BinaryDelta)]
     assert sizes == [1000, 1000, 100]
+
+
+async def test_a_task_reporting_stream_error_fails_with_its_error_chained() -> None:
+    """S6-2, S6-48: a task that yields `StreamError` fails: a TaskFailedError whose cause is a
+    StreamProtocolError chaining the task's own exception."""
+
+    class ReportsError(tg.Task):
+        type = "test_runner.ReportsError"
+        output_schema: Mapping[str, object] = {"properties": {"t": {"x-stream": "append"}}}
+
+        async def execute_stream(
+            self, inputs: Mapping[str, object], ctx: tg.TaskContext
+        ) -> AsyncIterator[tg.StreamEvent]:
+            yield tg.TextDelta("t", "partial")
+            yield tg.StreamError(LookupError("the model is gone"))
+
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(ReportsError(), {})
+    cause = info.value.__cause__
+    assert isinstance(cause, tg.StreamProtocolError)
+    assert isinstance(cause.__cause__, LookupError)
+    assert str(cause.__cause__) == "the model is gone"
+
+
+async def test_explicit_blob_with_no_chunks_is_replayed_to_stream_consumers() -> None:
+    """S6-6, S6-24: a Finish value at a port that streamed nothing reaches its streaming
+    consumers, as the Blob's bytes in budget-sized chunks."""
+    graph = tg.TaskGraph()
+    i = graph.add(Image(), inputs={"parts": [], "explicit": tg.Blob(b"e" * 2500, "image/png")})
+    c = graph.add(Count())
+    graph.connect(i, "image", c, "data")
+    outs = await tg.run_graph(graph, config=tg.RunConfig(binary_high_water_bytes=1000))
+    assert outs[c] == {"size": 2500, "md": b"e" * 2500}
+    assert outs[i]["image"] == tg.Blob(b"e" * 2500, "image/png")
+
+
+class HandsBackAString:
+    """A broken third-party repository: its streamed save returns a str, not a CacheRef."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def save_output_stream(
+        self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
+    ) -> object:
+        await self.inner.save_output_stream(task_type, inputs, port, chunks, mime=mime)  # type: ignore[arg-type]
+        return "blobs/not-a-ref"
+
+
+async def test_a_sink_returning_a_non_ref_fails_the_task_by_name() -> None:
+    """S6-26, S6-48: a cache whose streamed save returns something other than a CacheRef
+    fails the task with a RepositoryError naming the port and what came back."""
+    config = tg.RunConfig(cache=HandsBackAString(), reference_threshold_bytes=0)
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(Produce(), {"size": 3000, "chunk": 1000}, config=config)
+    cause = info.value.__cause__
+    assert isinstance(cause, tg.RepositoryError)
+    assert "'data'" in str(cause)
+    assert "returned str, not a CacheRef" in str(cause)
