@@ -13,14 +13,9 @@ from collections import deque
 import attrs
 import pytest
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-)
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition
 
+from tests.typed_hypothesis import initialize, rule
 from trio_taskgraph._core._budget import (
     PARK,
     ByteBudget,

@@ -13,10 +13,11 @@ from collections import OrderedDict
 
 import msgpack
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
 from tests.strategies import ref_trees, wire_values
+from tests.typed_hypothesis import given
 from trio_taskgraph import wire
 from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder, encode_frame
 
@@ -50,7 +51,7 @@ def ext(code: int, payload: bytes) -> bytes:
 
 def assert_wire_error(data: bytes, match: str = "", **limits: int) -> None:
     with pytest.raises(tg.WireFormatError, match=match):
-        wire.unpackb(data, **limits)  # type: ignore[arg-type]
+        wire.unpackb(data, **limits)
 
 
 # --- round trips (S5-1) ----------------------------------------------------------------------
@@ -112,7 +113,7 @@ def test_blob_is_never_flattened_to_an_empty_map() -> None:
     row = {"bytes": blob, "nested": [{"b": blob}]}
     out = wire.unpackb(wire.packb(row))
     assert out == row
-    assert out["nested"][0]["b"].mime == "application/octet-stream"  # type: ignore[index]
+    assert out["nested"][0]["b"].mime == "application/octet-stream"
     assert wire.unpackb(wire.packb(tg.Blob(b""))) == tg.Blob(b"")
 
 
@@ -374,7 +375,7 @@ def test_unpackb_refuses_unknown_and_positional_limits() -> None:
     with pytest.raises(TypeError, match="max_byts"):
         wire.unpackb(data, max_byts=10)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="positional"):
-        wire.unpackb(data, 10)  # type: ignore[misc]
+        wire.unpackb(data, 10)  # type: ignore[call-arg]
     assert wire.unpackb(data=data) == [1, 2]
 
 

@@ -11,10 +11,11 @@ import pickle
 from typing import NamedTuple
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
 from tests.strategies import Pair, cache_refs, ref_graphs, ref_trees
+from tests.typed_hypothesis import given
 from tests.walker_oracle import check_rebuilt, naive_refs, naive_substitute
 from trio_taskgraph._core._walker import is_walkable, rebuild, scan_refs, substitute_refs
 
@@ -120,7 +121,7 @@ def test_everything_else_is_an_opaque_leaf(leaf: object) -> None:
     assert tg.collect_cache_refs(value) == [A]
     out = substitute_refs(value, TABLE)
     assert out == {"leaf": leaf, "ref": "<a>"}
-    assert out["leaf"] is leaf  # type: ignore[index]
+    assert out["leaf"] is leaf
 
 
 def test_mapping_keys_are_opaque() -> None:
@@ -223,7 +224,7 @@ def test_shared_immutable_inside_an_immutable() -> None:
     inner = (A,)
     out = substitute_refs((inner, inner, frozenset({inner})), TABLE)
     assert out == (("<a>",), ("<a>",), frozenset({("<a>",)}))
-    assert out[0] is out[1]  # type: ignore[index]
+    assert out[0] is out[1]
 
 
 def test_shared_subtree_is_rebuilt_once_and_shared() -> None:

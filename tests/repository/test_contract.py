@@ -21,14 +21,15 @@ async def test_contract(repository_factory: Factory, check: str) -> None:
 
 async def test_whole_suite_accepts_async_context_manager_factories(tmp_path: object) -> None:
     """S4-8: the suite takes a factory of async context managers (how the server client runs)."""
+    from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
     from trio_taskgraph import MemoryOutputRepository
 
-    opened = []
+    opened: list[MemoryOutputRepository] = []
 
     @asynccontextmanager
-    async def factory():  # type: ignore[no-untyped-def]
+    async def factory() -> AsyncIterator[MemoryOutputRepository]:
         repo = MemoryOutputRepository()
         opened.append(repo)
         try:
