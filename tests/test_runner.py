@@ -4,7 +4,7 @@ The runner: run_graph / run_task (S6-40 ... S6-50), with the seed's cases.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -825,9 +825,15 @@ class SizelessRefs:
         return getattr(self.inner, name)
 
     async def save_output_stream(
-        self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
+        self,
+        task_type: str,
+        inputs: object,
+        port: str,
+        chunks: AsyncIterable[BytesLike],
+        *,
+        mime: str | None = None,
     ) -> tg.CacheRef:
-        ref = await self.inner.save_output_stream(task_type, inputs, port, chunks, mime=mime)  # type: ignore[arg-type]
+        ref = await self.inner.save_output_stream(task_type, inputs, port, chunks, mime=mime)
         return tg.make_cache_ref(ref.ref, mime=ref.mime)
 
 

@@ -43,6 +43,7 @@ import trio_taskgraph as tg
 import trio_taskgraph._stream_processor as sp
 from tests.graph_tasks import Join, Relay
 from tests.server_harness import in_process_server
+from trio_taskgraph._cache_server import CacheServer
 from trio_taskgraph._core._events import BytesLike
 from trio_taskgraph.testing import cancel_at_each_checkpoint, torture_max_points
 
@@ -565,7 +566,7 @@ class ServerScenario:
 
     case: ServerCase
     repo: tg.OutputRepository
-    server: object | None  # the in-process cache server (None: a Postgres repository)
+    server: CacheServer | None  # the in-process cache server (None: a Postgres repository)
     root: Path | None
     extra_check: Callable[[], Awaitable[None]] | None = None
     fills: itertools.count[int] = attrs.Factory(itertools.count)
@@ -625,8 +626,8 @@ class ServerScenario:
         with trio.CancelScope(shield=True):
             if self.server is not None:
                 server = self.server
-                await _wait_for(lambda: not server.statistics().requests)  # type: ignore[attr-defined]
-                assert server.statistics().buffered_bytes == 0  # type: ignore[attr-defined]
+                await _wait_for(lambda: not server.statistics().requests)
+                assert server.statistics().buffered_bytes == 0
             if isinstance(self.repo, tg.CacheServerRepository):
                 stats = self.repo.statistics()
                 assert stats.requests == 0, "S5-9: a request outlived its caller"

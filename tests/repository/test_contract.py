@@ -5,6 +5,8 @@ and run-private over both. One test per contract check, so a failure names the c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import trio
 
@@ -70,8 +72,10 @@ async def test_suite_catches_top_level_only_keys() -> None:
         def __getattr__(self, name: str) -> object:
             return getattr(self._inner, name)
 
-        async def save_output(self, task_type: str, inputs: object, output: object) -> None:
-            await self._inner.save_output(task_type, str(inputs), output)  # type: ignore[arg-type]
+        async def save_output(
+            self, task_type: str, inputs: object, output: Mapping[str, object]
+        ) -> None:
+            await self._inner.save_output(task_type, str(inputs), output)
 
         async def get_output(self, task_type: str, inputs: object) -> object:
             return await self._inner.get_output(task_type, str(inputs))
