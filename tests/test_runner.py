@@ -13,8 +13,7 @@ import trio
 import trio.testing
 
 import trio_taskgraph as tg
-from trio_taskgraph import wire
-from trio_taskgraph._core._events import BytesLike
+from trio_taskgraph import BytesLike, wire
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -23,7 +23,7 @@ import trio_taskgraph as tg
 import trio_taskgraph._stream_processor as sp
 from tests.graph_tasks import Join, Relay
 from tests.typed_hypothesis import given
-from trio_taskgraph._core._events import BytesLike
+from trio_taskgraph import BytesLike
 from trio_taskgraph.testing import (
     cancel_at_each_checkpoint,
     cancel_at_random_checkpoints,

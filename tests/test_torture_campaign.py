@@ -43,8 +43,8 @@ import trio_taskgraph as tg
 import trio_taskgraph._stream_processor as sp
 from tests.graph_tasks import Join, Relay
 from tests.server_harness import in_process_server
+from trio_taskgraph import BytesLike
 from trio_taskgraph._cache_server import CacheServer
-from trio_taskgraph._core._events import BytesLike
 from trio_taskgraph.testing import cancel_at_each_checkpoint, torture_max_points
 
 T = TypeVar("T")

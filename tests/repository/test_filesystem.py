@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 
 import trio_taskgraph as tg
 from tests.typed_hypothesis import given
-from trio_taskgraph._core._events import BytesLike
+from trio_taskgraph import BytesLike
 from trio_taskgraph._repository import _filesystem
 from trio_taskgraph.testing._repository_contract import _forgeries
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import trio_taskgraph as tg
-from trio_taskgraph._core._events import BytesLike
+from trio_taskgraph import BytesLike
 from trio_taskgraph.testing import check_output_repository
 
 
