@@ -4,15 +4,16 @@ The runner: run_graph / run_task (S6-40 ... S6-50), with the seed's cases.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import trio
 import trio.testing
 
 import trio_taskgraph as tg
-from trio_taskgraph import wire
+from trio_taskgraph import BytesLike, wire
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -22,11 +23,11 @@ class Produce(tg.Task):
     """Streams ``size`` bytes in ``chunk``-sized pieces at its binary port ``data``."""
 
     type = "test_runner.Produce"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"size": {"type": "integer"}, "chunk": {"type": "integer"}},
         "required": ["size"],
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {
             "data": {"x-stream": "binary", "format": "binary"},
             "log": {"type": "string", "x-stream": "append"},
@@ -67,10 +68,10 @@ class Image(tg.Task):
     """A blob-format binary port, streamed; Finish may override it."""
 
     type = "test_runner.Image"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"parts": {"type": "array"}, "explicit": {}}
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"image": {"x-stream": "binary", "contentMediaType": "image/png"}}
     }
     cacheable = True
@@ -90,11 +91,11 @@ class PassThrough(tg.Task):
     """binary -> binary pass-through: reads chunks as they are produced."""
 
     type = "test_runner.PassThrough"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary"}},
         "required": ["data"],
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
     cacheable = True
@@ -112,8 +113,13 @@ class Measure(tg.Task):
     """A materialising consumer: gets the whole value."""
 
     type = "test_runner.Measure"
-    input_schema: Mapping[str, object] = {"properties": {"data": {}}, "required": ["data"]}
-    output_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}, "head": {}}}
+    input_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"data": {}},
+        "required": ["data"],
+    }
+    output_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"size": {"type": "integer"}, "head": {}}
+    }
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         data = inputs["data"]
@@ -126,11 +132,13 @@ class Count(tg.Task):
     """A streaming consumer that counts bytes."""
 
     type = "test_runner.Count"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary"}},
         "required": ["data"],
     }
-    output_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}, "md": {}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"size": {"type": "integer"}, "md": {}}
+    }
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         stream = inputs["data"]
@@ -147,11 +155,13 @@ class SlowStats(tg.Task):
     """A streaming consumer that lets its edge fill before every receive, noting its stats."""
 
     type = "test_runner.SlowStats"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary"}},
         "required": ["data"],
     }
-    output_schema: Mapping[str, object] = {"properties": {"size": {}, "max": {}, "last": {}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"size": {}, "max": {}, "last": {}}
+    }
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         stream = inputs["data"]
@@ -176,8 +186,8 @@ class SlowStats(tg.Task):
 
 class Boom(tg.Task):
     type = "test_runner.Boom"
-    input_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
-    output_schema: Mapping[str, object] = {"properties": {"x": {}}}
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"data": {"x-stream": "binary"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"x": {}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         raise ValueError("boom")
@@ -187,8 +197,8 @@ class Returns(tg.Task):
     """An ``execute`` task returning a binary value."""
 
     type = "test_runner.Returns"
-    input_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"size": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}, "note": {}}
     }
     cacheable = True
@@ -339,10 +349,13 @@ async def test_binary_input_stream_reports_its_own_edge() -> None:
     for c in consumers:
         out = outs[c]
         assert out["size"] == 100_000
-        buffered, peak, high_water = out["last"]  # type: ignore[misc]
+        last, most = out["last"], out["max"]
+        assert isinstance(last, list)
+        assert isinstance(most, int)
+        buffered, peak, high_water = last
         assert (buffered, high_water) == (0, 8000)
         # The consumer waited for the producer to park before each receive: the edge was full.
-        assert 8000 <= out["max"] <= peak <= 8000 + 3000  # type: ignore[operator]
+        assert 8000 <= most <= peak <= 8000 + 3000
 
 
 async def test_chain_streams_under_budget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -351,10 +364,12 @@ async def test_chain_streams_under_budget(monkeypatch: pytest.MonkeyPatch, tmp_p
     both tasks have one sink port, which the sink pulls without a channel."""
     import trio_taskgraph._stream_processor as sp
 
-    channels: list[tg.ByteSendChannel[object]] = []
-    real = sp.open_byte_channel
+    channels: list[tg.ByteSendChannel[BytesLike]] = []
+    real = tg.open_byte_channel  # the function _stream_processor imported
 
-    def recording(high_water_bytes: int) -> object:
+    def recording(
+        high_water_bytes: int,
+    ) -> tuple[tg.ByteSendChannel[BytesLike], tg.ByteReceiveChannel[BytesLike]]:
         send, receive = real(high_water_bytes)
         channels.append(send)
         return send, receive
@@ -524,7 +539,9 @@ async def test_stream_protocol_error_fails_the_task() -> None:
 
     class Bad(tg.Task):
         type = "test_runner.Bad"
-        output_schema: Mapping[str, object] = {"properties": {"t": {"x-stream": "append"}}}
+        output_schema: ClassVar[Mapping[str, object]] = {
+            "properties": {"t": {"x-stream": "append"}}
+        }
 
         async def execute_stream(
             self, inputs: Mapping[str, object], ctx: tg.TaskContext
@@ -597,8 +614,8 @@ class Unkeyed(tg.Task):
     """A non-cacheable producer (its bytes can't be named by a key)."""
 
     type = "test_runner.Unkeyed"
-    input_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"size": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
 
@@ -615,8 +632,8 @@ class Transform(tg.Task):
     """A non-cacheable streaming transform (upper-cases ASCII bytes as they pass)."""
 
     type = "test_runner.Transform"
-    input_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"data": {"x-stream": "binary"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
 
@@ -639,10 +656,12 @@ async def test_three_tasks_produce_transform_cache_sink_with_a_4_mib_budget(
     run-unique key (its input stream can't be named), so it never hits but keeps its blob."""
     import trio_taskgraph._stream_processor as sp
 
-    channels: list[tg.ByteSendChannel[object]] = []
-    real = sp.open_byte_channel
+    channels: list[tg.ByteSendChannel[BytesLike]] = []
+    real = tg.open_byte_channel  # the function _stream_processor imported
 
-    def recording(high_water_bytes: int) -> object:
+    def recording(
+        high_water_bytes: int,
+    ) -> tuple[tg.ByteSendChannel[BytesLike], tg.ByteReceiveChannel[BytesLike]]:
         send, receive = real(high_water_bytes)
         channels.append(send)
         return send, receive
@@ -667,6 +686,7 @@ async def test_three_tasks_produce_transform_cache_sink_with_a_4_mib_budget(
             ref = outs[t]["data"]
             assert isinstance(ref, tg.CacheRef)
             assert ref.size == size
+        assert isinstance(ref, tg.CacheRef)  # (narrowed inside the loop only)
         async with repo.open_output_stream_by_ref(ref) as chunks:
             async for chunk in chunks:
                 assert chunk == b"U" * len(chunk)
@@ -728,10 +748,10 @@ class Pair(tg.Task):
     """Takes a stream and a materialised value."""
 
     type = "test_runner.Pair"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary"}, "size": {"type": "integer"}}
     }
-    output_schema: Mapping[str, object] = {"properties": {"ok": {}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"ok": {}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         return {"ok": True}  # pragma: no cover - never started
@@ -823,9 +843,15 @@ class SizelessRefs:
         return getattr(self.inner, name)
 
     async def save_output_stream(
-        self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
+        self,
+        task_type: str,
+        inputs: object,
+        port: str,
+        chunks: AsyncIterable[BytesLike],
+        *,
+        mime: str | None = None,
     ) -> tg.CacheRef:
-        ref = await self.inner.save_output_stream(task_type, inputs, port, chunks, mime=mime)  # type: ignore[arg-type]
+        ref = await self.inner.save_output_stream(task_type, inputs, port, chunks, mime=mime)
         return tg.make_cache_ref(ref.ref, mime=ref.mime)
 
 
@@ -890,7 +916,9 @@ async def test_a_value_at_a_streamed_input_arrives_as_a_stream() -> None:
     assert again == out
     assert tg.TaskStatus(state="cached") in [e.event for e in events]
     blob = await tg.run_task(PassThrough(), {"data": tg.Blob(data)}, config=config)
-    assert await repo.get_output_by_ref(blob["data"]) == data
+    blob_ref = blob["data"]
+    assert isinstance(blob_ref, tg.CacheRef)
+    assert await repo.get_output_by_ref(blob_ref) == data
     counted = await tg.run_task(Count(), {"data": ref}, config=config)
     assert counted == {"size": len(data), "md": data}
 
@@ -922,8 +950,8 @@ class HandsARef(tg.Task):
     """Returns a ref it was given at its binary port (an explicit CacheRef value)."""
 
     type = "test_runner.HandsARef"
-    input_schema: Mapping[str, object] = {"properties": {"ref": {"type": "string"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"ref": {"type": "string"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
     refs: dict[str, tg.CacheRef] = {}  # noqa: RUF012 - a test's shared table

@@ -10,13 +10,15 @@ import pickle
 import struct
 import tracemalloc
 from collections import OrderedDict
+from collections.abc import Callable
 
 import msgpack
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
 from tests.strategies import ref_trees, wire_values
+from tests.typed_hypothesis import given
 from trio_taskgraph import wire
 from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder, encode_frame
 
@@ -50,7 +52,7 @@ def ext(code: int, payload: bytes) -> bytes:
 
 def assert_wire_error(data: bytes, match: str = "", **limits: int) -> None:
     with pytest.raises(tg.WireFormatError, match=match):
-        wire.unpackb(data, **limits)  # type: ignore[arg-type]
+        wire.unpackb(data, **limits)
 
 
 # --- round trips (S5-1) ----------------------------------------------------------------------
@@ -112,7 +114,7 @@ def test_blob_is_never_flattened_to_an_empty_map() -> None:
     row = {"bytes": blob, "nested": [{"b": blob}]}
     out = wire.unpackb(wire.packb(row))
     assert out == row
-    assert out["nested"][0]["b"].mime == "application/octet-stream"  # type: ignore[index]
+    assert out["nested"][0]["b"].mime == "application/octet-stream"
     assert wire.unpackb(wire.packb(tg.Blob(b""))) == tg.Blob(b"")
 
 
@@ -193,10 +195,10 @@ def test_max_bytes() -> None:
 
 @pytest.mark.parametrize("make", [nested_lists, nested_maps])
 @pytest.mark.parametrize("limit", [1, 5, 40])
-def test_max_depth(make: object, limit: int) -> None:
+def test_max_depth(make: Callable[[int], bytes], limit: int) -> None:
     """S5-3: depth == limit passes, limit + 1 fails, whichever way the depth is checked."""
-    at = make(limit)  # type: ignore[operator]
-    past = make(limit + 1)  # type: ignore[operator]
+    at = make(limit)
+    past = make(limit + 1)
     wire.unpackb(at, max_depth=limit)
     assert_wire_error(past, "max_depth", max_depth=limit)
     # Padded with a long string so the cheap length bound cannot decide.
@@ -222,7 +224,9 @@ def test_scalars_are_depth_zero() -> None:
 def test_many_shallow_containers_pass_the_exact_depth_check() -> None:
     """S5-3: more container headers than max_depth, but shallow: accepted."""
     data = wire.packb([[[]] for _ in range(2000)])
-    assert len(wire.unpackb(data, max_depth=3)) == 2000  # type: ignore[arg-type]
+    out = wire.unpackb(data, max_depth=3)
+    assert isinstance(out, list)
+    assert len(out) == 2000
     assert_wire_error(data, "max_depth", max_depth=2)
 
 
@@ -374,7 +378,7 @@ def test_unpackb_refuses_unknown_and_positional_limits() -> None:
     with pytest.raises(TypeError, match="max_byts"):
         wire.unpackb(data, max_byts=10)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="positional"):
-        wire.unpackb(data, 10)  # type: ignore[misc]
+        wire.unpackb(data, 10)  # type: ignore[call-arg]
     assert wire.unpackb(data=data) == [1, 2]
 
 
