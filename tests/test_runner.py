@@ -558,7 +558,7 @@ async def test_execute_returning_a_non_mapping_fails_the_task() -> None:
 
     class ReturnsList(tg.Task):
         type = "test_runner.ReturnsList"
-        output_schema: Mapping[str, object] = {"properties": {"v": {}}}
+        output_schema: ClassVar[Mapping[str, object]] = {"properties": {"v": {}}}
 
         async def execute(
             self, inputs: Mapping[str, object], ctx: tg.TaskContext
@@ -1090,7 +1090,9 @@ async def test_a_task_reporting_stream_error_fails_with_its_error_chained() -> N
 
     class ReportsError(tg.Task):
         type = "test_runner.ReportsError"
-        output_schema: Mapping[str, object] = {"properties": {"t": {"x-stream": "append"}}}
+        output_schema: ClassVar[Mapping[str, object]] = {
+            "properties": {"t": {"x-stream": "append"}}
+        }
 
         async def execute_stream(
             self, inputs: Mapping[str, object], ctx: tg.TaskContext
