@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 test: $(STAMP) postgres-server
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict trio_taskgraph tests
+	$(BIN)/mypy --strict trio_taskgraph tests fuzz bench
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(BIN)/python -m pytest -q
 
 # PostgreSQL server binaries for the throwaway test server (issue 11). Installed with apt
