@@ -109,6 +109,10 @@ EXPECTED_PUBLIC = {
     "RowInfo",
     # scale-out job store on PostgreSQL (issue 11, second part)
     "PostgresJobStore",
+    # shared job store errors (issue 11, pgperf)
+    "UnknownJobError",
+    "RemoteJobError",
+    "JobStoreUnavailableError",
 }
 
 
