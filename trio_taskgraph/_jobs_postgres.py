@@ -843,10 +843,12 @@ class PostgresJobStore:
                 await trio.sleep(_RETRY_SECONDS)
 
     def _write_batch(self, conn: Conn, batch: list[_Op], now: float) -> bool:
-        # Pipeline mode: the batch's statements go out together and their results come back
-        # together, one round trip (and one GIL hand-over) per batch instead of one each.
+        # Pipeline mode: the batch's statements and its COMMIT go out together and their
+        # results come back together: one round trip (and one GIL hand-over) per batch.
         with conn.pipeline():
-            return self._write_ops(conn, batch, now)
+            added = self._write_ops(conn, batch, now)
+            conn.commit()
+        return added
 
     def _write_ops(self, conn: Conn, batch: list[_Op], now: float) -> bool:
         added = False
