@@ -175,6 +175,50 @@ async def test_remote_failure_keeps_type_message_and_traceback(
     assert handle.record.error_traceback == error.remote_traceback
 
 
+async def test_remote_handle_streams_only_a_declared_binary_port(postgres_dsn: str) -> None:
+    """
+    S8-21 with the seed's M-1: a handle for a job another queue ran (found by id through the
+    table) streams the task's one declared binary port without a port name, and refuses a
+    branded ref planted in a plain field, even when asked for it by name.
+    """
+    submitter = _submitter(postgres_dsn)
+    watcher = _submitter(postgres_dsn)
+    runner = tg.PostgresJobStore(postgres_dsn, lease_seconds=LEASE, poll_interval=POLL)
+    async with (
+        tg.open_job_queue(tg.RunConfig(), workers=1, store=runner),
+        tg.open_job_queue(tg.RunConfig(), workers=1, store=submitter) as queue,
+        tg.open_job_queue(tg.RunConfig(), workers=1, store=watcher) as elsewhere,
+    ):
+        job_id = queue.submit(tasks.Planted()).id
+        await submitter.flush()
+        handle = elsewhere.handle(job_id)
+        with trio.fail_after(20):
+            output = await handle.result()
+        assert tg.is_cache_ref(output["meta"])
+        async with handle.open_output_stream() as chunks:
+            assert b"".join([chunk async for chunk in chunks]) == b"the real output"
+        with pytest.raises(tg.JobOutputError, match="meta"):
+            async with handle.open_output_stream("meta"):
+                pass  # pragma: no cover - refused before
+    for store in (submitter, watcher, runner):
+        await store.aclose()
+
+
+def test_done_notes_keep_only_watched_ids() -> None:
+    """
+    S8-21: ``done`` notifications name every job any process finished; a store keeps only
+    the ids it watches (a worker, watching nothing, keeps none: its memory stays bounded).
+    """
+    store = _submitter("dbname=unused")
+    assert store._heard("done:job-a,job-b") is False
+    assert store._done_ids == set()
+    store.watch("job-b")
+    store._heard("done:job-a,job-b")
+    store._heard("cancel:job-c")
+    assert store._done_ids == {"job-b"}
+    assert store._heard("new:") is True
+
+
 # --- S8-17 and S8-23: holds and prefetched jobs ---------------------------------------------
 
 

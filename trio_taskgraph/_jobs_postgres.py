@@ -1115,20 +1115,28 @@ class PostgresJobStore:
             new = heard = False
             while (note := pgconn.notifies()) is not None:
                 heard = True
-                kind, _, job_id = note.extra.decode().partition(":")
-                if kind == "new":
-                    new = True
-                elif kind == "cancel":
-                    self._cancel_held(job_id)
-                    self._done_ids.add(job_id)
-                elif kind == "done":
-                    self._done_ids.update(job_id.split(","))
+                new = self._heard(note.extra.decode()) or new
             if new or not heard:
                 self._lot.unpark_all()  # new jobs, or the fallback poll
             if not heard:
                 self._full_refresh = True
             if self._watched and (self._full_refresh or self._done_ids):
                 self._dirty.set()  # the flusher refreshes the watched jobs
+
+    def _heard(self, payload: str) -> bool:
+        """Take one NOTIFY payload; True if it says jobs were added or released."""
+        kind, _, job_id = payload.partition(":")
+        if kind == "new":
+            return True
+        if kind == "cancel":
+            self._cancel_held(job_id)
+            if job_id in self._watched:
+                self._done_ids.add(job_id)
+        elif kind == "done":
+            # Only the watched ones: a worker watches nothing and must not collect the id of
+            # every job any process finishes.
+            self._done_ids.update(i for i in job_id.split(",") if i in self._watched)
+        return False
 
     def _listen(self, conn: Conn) -> None:
         conn.autocommit = True
