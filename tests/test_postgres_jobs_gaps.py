@@ -204,6 +204,31 @@ async def test_remote_handle_streams_only_a_declared_binary_port(postgres_dsn: s
         await store.aclose()
 
 
+def test_array_literals_round_trip(postgres_dsn: str) -> None:
+    """
+    S8-15: the batch's outcome statement sends its columns as array literals; any text
+    (quotes, backslashes, braces, commas, the word NULL, unicode, empty) and any bytes come
+    back as they went, None as NULL.
+    """
+    import psycopg
+
+    from trio_taskgraph._jobs_postgres import _array_literal
+
+    texts: list[str | None] = ['a"b', "c\\d", "{x,y}", "NULL", "", " sp ", "é€", None, "\\x00"]
+    blobs = [b"", b"\x00\xff\\", bytes(range(256)), None]
+    with psycopg.connect(postgres_dsn) as conn:
+        row = conn.execute(
+            "SELECT %s::text[], %s::bytea[]",
+            (
+                _array_literal(texts),
+                _array_literal([None if b is None else "\\x" + b.hex() for b in blobs]),
+            ),
+        ).fetchone()
+    assert row is not None
+    assert row[0] == texts
+    assert row[1] == blobs
+
+
 def test_done_notes_keep_only_watched_ids() -> None:
     """
     S8-21: ``done`` notifications name every job any process finished; a store keeps only
