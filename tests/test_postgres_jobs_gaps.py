@@ -313,6 +313,33 @@ async def test_prefetched_jobs_go_back_when_the_queue_closes(
     assert rows == [("completed", 1, True, 1), ("pending", 0, True, 3)]
 
 
+async def test_a_row_that_does_not_decode_does_not_stop_claiming(postgres_dsn: str) -> None:
+    """
+    S8-16: a claimed row whose inputs are not a msgpack map is logged and skipped (it stays
+    leased, so it comes back only when its lease expires); the claimer goes on and claims
+    the next job instead of ending the queue.
+    """
+    import psycopg
+
+    store = tg.PostgresJobStore(postgres_dsn, lease_seconds=30, poll_interval=POLL)
+    good = tg.JobRecord(id=store.new_id(), kind="task", task_type=tasks.Tiny.type)
+    store.submit(good, {"n": 1}, RetryPolicy())
+    await store.flush()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute(
+            "INSERT INTO trio_taskgraph_jobs (id, queue, kind, task_type, inputs, state,"
+            " run_after) VALUES ('job-bad', 'default', 'task', %s, %b, 'pending',"
+            " clock_timestamp() - interval '1 hour')",
+            (tasks.Tiny.type, b"\xc1"),
+        )
+    with trio.fail_after(10):
+        claimed = await store.claim()
+    assert claimed.record.id == good.id
+    rows = _rows(postgres_dsn, "SELECT id, state FROM trio_taskgraph_jobs ORDER BY id")
+    assert ("job-bad", "running") in rows
+    await store.aclose()
+
+
 # --- S8-25: an unreachable or hung database when the queue closes ---------------------------
 
 

@@ -59,6 +59,7 @@ from ._errors import (
     JobStoreUnavailableError,
     RemoteJobError,
     RepositoryError,
+    TaskGraphError,
     UnknownJobError,
 )
 from ._repository._postgres import (
@@ -712,6 +713,12 @@ class PostgresJobStore:
                 await trio.to_thread.run_sync(hop.close)
             logger.warning("claiming jobs failed (%s); retrying", exc)
             return _RETRY_SECONDS
+        except TaskGraphError:
+            # A claimed row that does not decode (its jobs come back when their lease
+            # expires); the connection is fine.
+            self._claim_conn = hop.conn
+            logger.warning("claiming jobs failed; retrying", exc_info=True)
+            return _RETRY_SECONDS
         if bound.cancelled_caught:
             hop.abandon()  # the thread closes the connection when it ends
             logger.warning(
@@ -820,7 +827,8 @@ class PostgresJobStore:
                     abandon_on_cancel=True,
                 )
             except psycopg.Error as exc:
-                await trio.to_thread.run_sync(hop.close)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(hop.close)
                 raise RepositoryError(f"database error: {exc}") from exc
             except BaseException:
                 hop.abandon()
