@@ -13,7 +13,11 @@ Each run: a fresh database, the workers started and ready, then 10,000 job rows 
 one transaction (the same rows and the same NOTIFY for both sides); the clock runs from that
 commit until every row is ``completed`` (polled every 5 ms). Runs alternate (ours, bare, ...);
 medians; jobs/s printed for both. Against one throwaway server (fsync off, as in
-``bench_postgres.py``).
+``bench_postgres.py``), with ``pg_stat_statements`` loaded: besides the wall clock, each side's
+statements per job (every statement is one round trip for the bare loop; ours sends a claim
+as one statement and a write-behind batch as one pipeline, so its round trips per job are
+its claim and batch statements per job), and the CPU its two worker processes used per job
+(both noise-free where the wall clock, on a shared 2-core machine, is not).
 
     python bench/bench_postgres_jobs.py [--quick] [--pairs N] [--jobs N]
 """
@@ -21,6 +25,7 @@ medians; jobs/s printed for both. Against one throwaway server (fsync off, as in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import signal
@@ -91,6 +96,7 @@ def _new_database(admin_dsn: str, server_dsn_for: object) -> str:
     assert isinstance(dsn, str)
     with psycopg.connect(dsn) as conn:
         _setup(conn)
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         conn.commit()
     return dsn
 
@@ -129,7 +135,43 @@ def _insert_and_time(dsn: str, jobs: int) -> float:
             time.sleep(0.005)
 
 
-def _run_once(kind: str, dsn: str, jobs: int, workers: int) -> float:
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class _Run:
+    seconds: float
+    worker_cpu: float  # seconds, both processes
+    statements: dict[str, int]  # calls per statement kind (the poll and the inserts excluded)
+
+
+# First match wins: claims lock with SKIP LOCKED, the flusher's row lock is a plain FOR UPDATE,
+# every other UPDATE is an outcome (or a release or lease renewal).
+_KINDS = (("claim", "SKIP LOCKED"), ("lock", "FOR UPDATE"), ("update", "UPDATE "))
+
+
+def _statements(dsn: str) -> dict[str, int]:
+    counts = dict.fromkeys(["claim", "update", "lock", "BEGIN", "COMMIT", "other"], 0)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT query, calls FROM pg_stat_statements WHERE dbid ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchall()
+    for query, calls in rows:
+        text = " ".join(str(query).split())
+        if "count(*)" in text or text.startswith("INSERT") or "pg_stat_statements" in text:
+            continue
+        kind = text if text in ("BEGIN", "COMMIT") else "other"
+        for name, marker in _KINDS:
+            if marker in text and kind == "other":
+                kind = name
+        counts[kind] += int(calls)
+    return counts
+
+
+def _run_once(kind: str, dsn: str, jobs: int, workers: int) -> _Run:
     if kind == "ours":
         argv = [
             sys.executable, "-m", "trio_taskgraph", "worker", "--dsn", dsn,
@@ -140,7 +182,12 @@ def _run_once(kind: str, dsn: str, jobs: int, workers: int) -> float:
         argv = [sys.executable, __file__, "--bare-worker", dsn, str(workers)]
     procs = [_start(argv), _start(argv)]
     try:
-        return _insert_and_time(dsn, jobs)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_statements_reset()")
+        cpu = [_cpu_seconds(proc.pid) for proc in procs]
+        seconds = _insert_and_time(dsn, jobs)
+        used = sum(_cpu_seconds(proc.pid) for proc in procs) - sum(cpu)
+        return _Run(seconds=seconds, worker_cpu=used, statements=_statements(dsn))
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -164,12 +211,14 @@ def main() -> None:
         _bare_worker(args.bare_worker[0], int(args.bare_worker[1]))
         return
     jobs, pairs = (1000, 1) if args.quick else (args.jobs, args.pairs)
-    times: dict[str, list[float]] = {"ours": [], "bare": []}
-    with throwaway_postgres(settings=TEST_SETTINGS) as server:
+    runs: dict[str, list[_Run]] = {"ours": [], "bare": []}
+    settings = dict(TEST_SETTINGS, shared_preload_libraries="pg_stat_statements")
+    with throwaway_postgres(settings=settings) as server:
         for _ in range(pairs):
             for kind in ("ours", "bare"):
                 dsn = _new_database(server.dsn, server.dsn_for)
-                times[kind].append(_run_once(kind, dsn, jobs, args.workers))
+                runs[kind].append(_run_once(kind, dsn, jobs, args.workers))
+    times = {kind: [run.seconds for run in found] for kind, found in runs.items()}
     ours, bare = statistics.median(times["ours"]), statistics.median(times["bare"])
     ratio = bare / ours
     print(
@@ -179,6 +228,12 @@ def main() -> None:
     print(f"{'':38} {'seconds':>8} {'jobs/s':>9}")
     print(f"{'PostgresJobStore workers (CLI)':38} {ours:8.3f} {jobs / ours:9.0f}")
     print(f"{'bare SKIP LOCKED claim loop':38} {bare:8.3f} {jobs / bare:9.0f}")
+    print(f"each run (seconds): ours {times['ours']}, bare {times['bare']}")
+    for kind, found in runs.items():
+        last = found[-1].statements
+        per_job = {k: round(v / jobs, 2) for k, v in last.items() if v}
+        cpu = statistics.median(run.worker_cpu for run in found) / jobs * 1e6
+        print(f"{kind}: statements per job {per_job}; worker CPU {cpu:.0f} us per job")
     verdict = "meets" if ratio >= TARGET else "BELOW"
     print(f"ratio ours/bare throughput: {ratio:.2f}x (target >= {TARGET}x: {verdict})")
     print(

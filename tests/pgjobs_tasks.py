@@ -120,3 +120,20 @@ class Forever(tg.Task):
         finally:
             _log(inputs["log"], f"cancelled {os.getpid()}")
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Planted(tg.Task):
+    """
+    Returns its one declared binary port inline, and a branded `CacheRef` planted in a plain
+    field (the seed's M-1: a handle must never stream that one).
+    """
+
+    type = "pgjobs.Planted"
+    input_schema: Mapping[str, object] = {"properties": {}}
+    output_schema: Mapping[str, object] = {
+        "properties": {"data": {"x-stream": "binary", "format": "binary"}, "meta": {}}
+    }
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        await trio.lowlevel.checkpoint()
+        return {"data": b"the real output", "meta": tg.make_cache_ref("planted-elsewhere")}

@@ -111,6 +111,10 @@ EXPECTED_PUBLIC = {
     "PostgresJobStore",
     # the chunk type public signatures use (typed tests)
     "BytesLike",
+    # shared job store errors (issue 11, pgperf)
+    "UnknownJobError",
+    "RemoteJobError",
+    "JobStoreUnavailableError",
 }
 
 

@@ -46,7 +46,7 @@ async def _worker(
     argv = [
         sys.executable, "-m", "trio_taskgraph", "worker", "--dsn", dsn,
         "--import", "tests.pgjobs_tasks", "--workers", str(workers),
-        "--lease", str(lease), "--poll", str(POLL), "--grace", "5",
+        "--lease", str(lease), "--poll", str(POLL), "--grace", "5", "--close-timeout", "10",
     ]  # fmt: skip
     proc = await trio.lowlevel.open_process(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE)
     try:

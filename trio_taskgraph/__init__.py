@@ -80,8 +80,14 @@ from ._jobs import (  # jobs (issue 8)
     open_job_queue as open_job_queue,
 )
 
-# scale-out job store on PostgreSQL (issue 11, second part; psycopg imported lazily)
-from ._jobs_postgres import PostgresJobStore as PostgresJobStore
+# scale-out job store on PostgreSQL (issue 11, second part; psycopg imported lazily), and its
+# errors (issue 11, pgperf: unknown ids, remote failures, bounded close)
+from ._jobs_postgres import (
+    JobStoreUnavailableError as JobStoreUnavailableError,
+    PostgresJobStore as PostgresJobStore,
+    RemoteJobError as RemoteJobError,
+    UnknownJobError as UnknownJobError,
+)
 
 # output repositories (issue 5)
 from ._repository import (
@@ -241,6 +247,10 @@ __all__ = [
     "PostgresJobStore",
     # the chunk type public signatures use (typed tests)
     "BytesLike",
+    # shared job store errors (issue 11, pgperf)
+    "UnknownJobError",
+    "RemoteJobError",
+    "JobStoreUnavailableError",
 ]
 
 

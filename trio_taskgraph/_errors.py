@@ -32,6 +32,10 @@ __all__ = [
     "JobStateError",
     "PermanentJobError",
     "SubscriberOverflowError",
+    # shared job store (issue 11)
+    "UnknownJobError",
+    "RemoteJobError",
+    "JobStoreUnavailableError",
 ]
 
 
@@ -203,4 +207,61 @@ class SubscriberOverflowError(JobError):
     A lossy ``on_stream`` subscriber fell more than its byte budget behind the job and was
     dropped: the last event it receives is a `StreamError` carrying this error, which names
     the job and the budget.
+    """
+
+
+# --- shared job store (issue 11: PostgresJobStore) -----------------------------------------
+
+
+class UnknownJobError(JobError, KeyError):
+    """
+    ``queue.handle(job_id)`` named a job the shared store does not hold: the handle's
+    ``result()`` and ``wait()`` raise this as soon as the store has looked (spec S8-21). A
+    `KeyError`, as the in-memory queue's ``handle`` raises. ``job_id`` names the job.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"no job {job_id!r} in the job store (submitted elsewhere and not written yet? "
+            "a submitting process writes its jobs when it flushes)"
+        )
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        # KeyError would show repr(message); this is a sentence.
+        return str(self.args[0])
+
+
+class RemoteJobError(JobError):
+    """
+    A job run by another process failed: what that process recorded of its last error
+    (spec S8-24). ``str(error)`` is ``"job <id> failed: <type name>: <message>"``.
+
+    Attributes:
+        job_id: the job.
+        type_name: the class name of the remote exception (``"OSError"``).
+        remote_message: its message (``str(exception)``).
+        remote_traceback: its formatted traceback, cause chain included, or None when the
+            process that wrote the outcome did not record one.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        type_name: str,
+        remote_message: str,
+        remote_traceback: str | None = None,
+    ) -> None:
+        super().__init__(f"job {job_id} failed: {type_name}: {remote_message}")
+        self.job_id = job_id
+        self.type_name = type_name
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+
+class JobStoreUnavailableError(RepositoryError):
+    """
+    A shared job store gave up waiting for its database (spec S8-25): closing a queue whose
+    final flush could not write within ``close_timeout`` seconds. The message says how many
+    buffered operations were not written; the last database error, if any, is chained.
     """

@@ -43,6 +43,7 @@ import inspect
 import itertools
 import logging
 import math
+import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager
@@ -78,7 +79,10 @@ from ._errors import (
     JobOutputError,
     JobStateError,
     PermanentJobError,
+    RemoteJobError,
     SubscriberOverflowError,
+    TaskGraphError,
+    UnknownJobError,
 )
 from ._runner import RunEvent, run_graph, run_task
 from ._task import RunConfig, Task, TaskContext, TaskGraph, get_task_class
@@ -209,8 +213,12 @@ class ClaimingJobStore(JobStore, Protocol):
         *,
         on_record: Callable[[JobRecord, Mapping[str, object]], None],
         on_cancel: Callable[[str], None],
+        on_missing: Callable[[str], None],
     ) -> None:
-        """Start the store's background tasks in ``nursery`` (the queue's service nursery)."""
+        """
+        Start the store's background tasks in ``nursery`` (the queue's service nursery);
+        ``on_missing`` receives the ids passed to `watch` that the store does not hold.
+        """
         ...
 
     def submit(self, record: JobRecord, inputs: Mapping[str, object], policy: RetryPolicy) -> None:
@@ -231,6 +239,10 @@ class ClaimingJobStore(JobStore, Protocol):
 
     def release(self, job_id: str) -> None:
         """Give back a claimed job unfinished (pending again, its attempt not counted)."""
+        ...
+
+    def stop_claiming(self) -> None:
+        """Claim nothing more; give back jobs claimed for no worker yet (the queue closes)."""
         ...
 
 
@@ -309,6 +321,8 @@ class _Job:
     finished_stream: bool = False
     # Shared store (S8-14): claimed here without a handle asked for here; dropped when done.
     claimed_only: bool = False
+    # Shared store (S8-21): `JobQueue.handle` of an id the store turned out not to hold.
+    unknown: UnknownJobError | None = None
 
     @property
     def state(self) -> JobState:
@@ -379,9 +393,15 @@ class JobHandle:
         """
         Wait until the job is terminal and return its state.
 
+        Raises:
+            UnknownJobError: a handle from `JobQueue.handle` for an id the shared store does
+                not hold (S8-21).
+
         Cancellation: a checkpoint; cancelling the wait leaves the job alone.
         """
         await self._job.done.wait()  # a checkpoint whether or not it is set already
+        if self._job.unknown is not None:
+            raise self._job.unknown
         return self._job.record.state
 
     async def result(self) -> Mapping[str, object]:
@@ -394,7 +414,12 @@ class JobHandle:
         Raises:
             JobCancelledError: the job was cancelled.
             Exception: the last attempt's error, as itself (a `TaskFailedError` naming the
-                task, the cause chained), when the job failed.
+                task, the cause chained), when the job failed in this process.
+            RemoteJobError: the job failed in another process: its ``type_name``,
+                ``remote_message`` and ``remote_traceback`` say what that process recorded
+                (S8-24).
+            UnknownJobError: a handle from `JobQueue.handle` for an id the shared store does
+                not hold (S8-21).
 
         Cancellation:
             A checkpoint; cancelling the wait leaves the job running.
@@ -404,6 +429,8 @@ class JobHandle:
 
     def _outcome(self) -> Mapping[str, object]:
         job = self._job
+        if job.unknown is not None:
+            raise job.unknown
         record = job.record
         if record.state is JobState.COMPLETED:
             assert record.output is not None
@@ -412,7 +439,8 @@ class JobHandle:
             raise JobCancelledError(f"job {record.id} was cancelled")
         if job.exception is not None:
             raise job.exception
-        raise JobError(f"job {record.id} failed: {record.error}")  # pragma: no cover
+        # A job another process ran (S8-24): what that process recorded of its error.
+        raise _remote_error(record)
 
     def cancel(self) -> None:
         """
@@ -915,8 +943,11 @@ class JobQueue:
 
         With a shared store (`PostgresJobStore`), ``job_id`` may name a job submitted in
         another process: the handle follows it through the store (its state, `result`,
-        `cancel`, `open_output_stream` through the run's cache), and waits for a job that is
-        not in the store yet (S8-21).
+        `cancel`, `open_output_stream` through the run's cache). The store looks the id up at
+        once: if the table does not hold it, the handle's `JobHandle.result` and
+        `JobHandle.wait` raise `UnknownJobError` (a `KeyError`) instead of waiting (S8-21);
+        a later ``handle(job_id)`` looks again. A process that submits jobs writes them
+        when its store flushes (at once in the background, and when its queue closes).
 
         Raises:
             KeyError: no such job in this queue (in-memory store only).
@@ -959,6 +990,17 @@ class JobQueue:
             job.done.set()
         self._notify(record)
 
+    def _on_remote_missing(self, job_id: str) -> None:
+        # Invariant (S8-21): the store does not hold the id `handle` asked for: its handle
+        # fails at once (a later `handle(job_id)` looks again).
+        job = self._jobs.get(job_id)
+        if job is None or job.work is not None or job.scope is not None or job.record.attempt:
+            return
+        job.unknown = UnknownJobError(job_id)
+        del self._jobs[job_id]
+        self._counts[job.record.state] -= 1
+        job.done.set()
+
     def _on_remote_cancel(self, job_id: str) -> None:
         # Cancel requested elsewhere, or the lease lost, for a job running here (S8-20).
         job = self._jobs.get(job_id)
@@ -977,9 +1019,12 @@ class JobQueue:
         output: Mapping[str, object] | None = None,
         error: str | None = None,
         run_after: float | None = None,
+        error_traceback: str | None = None,
     ) -> None:
         before = job.record.state
-        job.record = job.record.apply(event, output=output, error=error, run_after=run_after)
+        job.record = job.record.apply(
+            event, output=output, error=error, run_after=run_after, error_traceback=error_traceback
+        )
         after = job.record.state
         self._counts[before] -= 1
         self._counts[after] += 1
@@ -1139,21 +1184,26 @@ class JobQueue:
     def _failed(self, job: _Job, error: Exception) -> None:
         job.exception = error
         text = f"{type(error).__name__}: {error}"
+        # Invariant (S8-24): a shared store keeps the traceback for other processes.
+        trace = _format_traceback(error) if self._claiming is not None else None
         decision = job.policy.decide(job.record.attempt, error)
         if decision.retry and (not self._closing or self._claiming is not None):
             due = trio.current_time() + decision.delay
-            self._apply(job, JobEvent.RETRY, error=text, run_after=due)
+            self._apply(job, JobEvent.RETRY, error=text, run_after=due, error_traceback=trace)
             if self._claiming is None:
                 self._schedule.push(job.record.id, due)
                 self._lot.unpark()
         elif decision.retry:
             self._apply(job, JobEvent.CANCEL)
         else:
-            self._apply(job, JobEvent.FAIL, error=text)
+            self._apply(job, JobEvent.FAIL, error=text, error_traceback=trace)
 
     def _close(self) -> None:
         # Pending jobs are cancelled; running ones finish; idle workers return.
         self._closing = True
+        if self._claiming is not None:
+            # Invariant (S8-23): prefetched jobs no worker took go back to the store now.
+            self._claiming.stop_claiming()
         for scope in list(self._claim_scopes):
             scope.cancel()
         for job in list(self._jobs.values()):
@@ -1162,6 +1212,24 @@ class JobQueue:
                 self._schedule.discard(job.record.id)
                 self._apply(job, JobEvent.CANCEL)
         self._lot.unpark_all()
+
+
+#: The longest traceback text a failed job's record keeps (S8-24): its head and its tail.
+_MAX_TRACEBACK_CHARS = 16 * 1024
+
+
+def _format_traceback(error: BaseException) -> str:
+    text = "".join(traceback.format_exception(error))
+    if len(text) <= _MAX_TRACEBACK_CHARS:
+        return text
+    half = _MAX_TRACEBACK_CHARS // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
+
+
+def _remote_error(record: JobRecord) -> RemoteJobError:
+    # Invariant (S8-24): "TypeName: message" as the failing process wrote it.
+    type_name, _, message = (record.error or "").partition(": ")
+    return RemoteJobError(record.id, type_name or "Exception", message, record.error_traceback)
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -1202,6 +1270,9 @@ async def open_job_queue(
         TypeError: ``config`` is not a `RunConfig`, ``workers`` not an int, ``store`` not a
             `JobStore`.
         ValueError: ``workers`` < 1.
+        JobStoreUnavailableError: a shared store could not write what it buffered within
+            its ``close_timeout`` (its database unreachable): raised when the block ends
+            (S8-25); if the block itself raised, its error wins and this one is logged.
 
     Cancellation:
         When the block ends normally, pending jobs are cancelled and running jobs are waited
@@ -1218,12 +1289,16 @@ async def open_job_queue(
     queue = JobQueue(config, count, store, _runner if _runner is not None else _default_runner())
     claiming = queue._claiming
     body_error: BaseException | None = None
+    close_error: TaskGraphError | None = None
     # The service nursery holds a shared store's flusher, renewer and listener (S8-15..18);
     # it outlives the workers so their outcomes are written before it stops.
     async with trio.open_nursery() as service:
         if claiming is not None:
             await claiming.attach(
-                service, on_record=queue._on_remote_record, on_cancel=queue._on_remote_cancel
+                service,
+                on_record=queue._on_remote_record,
+                on_cancel=queue._on_remote_cancel,
+                on_missing=queue._on_remote_missing,
             )
         try:
             async with trio.open_nursery() as nursery:
@@ -1240,13 +1315,25 @@ async def open_job_queue(
                     queue._close()
         finally:
             queue._closing = True
+            if claiming is not None:
+                claiming.stop_claiming()
             for job in list(queue._jobs.values()):
                 # A shared store's unfinished jobs are the store's (S8-14): left alone.
                 if not job.record.terminal and claiming is None:
                     queue._schedule.discard(job.record.id)
                     queue._apply(job, JobEvent.CANCEL)
-            with trio.CancelScope(shield=True):
-                await store.flush()
-            service.cancel_scope.cancel()
+            try:
+                with trio.CancelScope(shield=True):
+                    await store.flush()
+            except TaskGraphError as exc:
+                # Invariant (S8-25): a store that gave up (its database unreachable past its
+                # close_timeout) ends the block with its error, after the service stops.
+                close_error = exc
+            finally:
+                service.cancel_scope.cancel()
     if body_error is not None:
+        if close_error is not None:
+            logger.error("the job store's final flush failed", exc_info=close_error)
         raise body_error
+    if close_error is not None:
+        raise close_error

@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -54,18 +55,29 @@ import trio
 
 from ._core._codec import packb, unpackb
 from ._core._jobs import JobRecord, JobState, RetryPolicy
-from ._errors import RepositoryError
+from ._errors import (
+    JobStoreUnavailableError,
+    RemoteJobError,
+    RepositoryError,
+    TaskGraphError,
+    UnknownJobError,
+)
 from ._repository._postgres import (
     _import_psycopg,
-    _run,
     _Shared,
-    _transaction,
 )
 
 if TYPE_CHECKING:
     from ._repository._postgres import Conn
 
-__all__ = ["ClaimedJob", "PostgresJobStore"]
+__all__ = [
+    "ClaimedJob",
+    "PostgresJobStore",
+    # re-exported from the error module, so the package imports them in one block
+    "JobStoreUnavailableError",
+    "RemoteJobError",
+    "UnknownJobError",
+]
 
 T = TypeVar("T")
 
@@ -73,6 +85,8 @@ T = TypeVar("T")
 _LOCK_CLASS: Final = 0x746A  # "tj"
 #: Seconds a claimed job's lease lasts without renewal (renewed every third of it).
 DEFAULT_LEASE_SECONDS: Final = 30.0
+#: Seconds `PostgresJobStore.flush` waits at most for an unreachable database (S8-25).
+DEFAULT_CLOSE_TIMEOUT: Final = 30.0
 #: Seconds an idle claimer waits at most without a NOTIFY before looking again.
 DEFAULT_POLL_INTERVAL: Final = 5.0
 _MAX_BATCH: Final = 500
@@ -102,10 +116,13 @@ _SCHEMA: Final = (
         cancel_requested boolean NOT NULL DEFAULT false,
         output bytea,
         error text,
+        error_traceback text,
         created timestamptz NOT NULL DEFAULT clock_timestamp(),
         finished timestamptz
     )
     """,
+    # A table made before S8-24 gets the failure's traceback column.
+    "ALTER TABLE trio_taskgraph_jobs ADD COLUMN IF NOT EXISTS error_traceback text",
     """
     CREATE INDEX IF NOT EXISTS trio_taskgraph_jobs_due ON trio_taskgraph_jobs
         (queue, run_after, seq) WHERE state IN ('pending', 'running')
@@ -152,7 +169,7 @@ _NEXT_DUE: Final = """
 
 _SELECT_RECORDS: Final = """
     SELECT id, kind, task_type, inputs, state, attempt, max_retries, output, error,
-           extract(epoch FROM run_after - clock_timestamp())
+           extract(epoch FROM run_after - clock_timestamp()), error_traceback
     FROM trio_taskgraph_jobs WHERE queue = %s AND id = ANY(%s)
 """
 
@@ -189,6 +206,7 @@ class _Insert:
 class _Outcome:
     record: JobRecord
     output: bytes | None
+    hold: int  # the claim it ends (see `PostgresJobStore._holds`)
 
 
 @attrs.frozen
@@ -196,6 +214,7 @@ class _Release:
     job_id: str
     attempt: int
     record: JobRecord | None  # a retry (pending, error, run_after), or None: a release as is
+    hold: int
 
 
 @attrs.frozen
@@ -213,8 +232,11 @@ def _delay(deadline: float | None, now: float) -> float:
 
 
 def _setup(conn: Conn) -> None:
-    row = conn.execute("SELECT to_regclass('trio_taskgraph_jobs') IS NOT NULL").fetchone()
-    if row is not None and row[0]:
+    row = conn.execute(
+        "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('trio_taskgraph_jobs')"
+        " AND attname = 'error_traceback' AND NOT attisdropped"
+    ).fetchone()
+    if row is not None:
         return
     conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_CLASS,))
     for statement in _SCHEMA:
@@ -228,6 +250,87 @@ def _decode_mapping(data: bytes | None) -> Mapping[str, object] | None:
     if not isinstance(value, Mapping):
         raise RepositoryError("a job row holds something other than a map")
     return {str(k): v for k, v in value.items()}
+
+
+def _array_literal(values: list[str] | list[str | None]) -> str:
+    """
+    A PostgreSQL array literal (``{"a","b",NULL}``): every element quoted, backslashes and
+    quotes escaped, None as NULL; cast it with ``%s::text[]`` (or ``bytea[]``, ``int[]``).
+    """
+    quoted = (
+        "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        for v in values
+    )
+    return "{" + ",".join(quoted) + "}"
+
+
+def _connect_autocommit(dsn: str) -> Conn:
+    from ._repository._postgres import _connect
+
+    conn = _connect(dsn)
+    conn.autocommit = True
+    return conn
+
+
+@attrs.define(eq=False)
+class _Hop:
+    """
+    One transaction in a worker thread that the trio side may abandon (S8-25).
+
+    Whoever comes last closes an abandoned hop's connection: the thread when it ends, or
+    `abandon` when the thread has ended or never started (a cancel before the hop).
+    """
+
+    conn: Conn | None
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+    started: bool = False
+    done: bool = False
+    abandoned: bool = False
+
+    def run(self, connect: Callable[[], Conn], fn: Callable[[Conn], T]) -> T:
+        with self.lock:
+            if self.abandoned:
+                raise RepositoryError("abandoned before it started")
+            self.started = True
+        try:
+            if self.conn is None:
+                self.conn = connect()
+            conn = self.conn
+            try:
+                result = fn(conn)
+                conn.commit()
+            except BaseException:
+                if not (conn.closed or conn.broken):
+                    conn.rollback()
+                raise
+            return result
+        finally:
+            if self._finish():
+                self.close()
+
+    def _finish(self) -> bool:
+        # The thread's end: True if the trio side has abandoned the hop (then we close).
+        with self.lock:
+            self.done = True
+            return self.abandoned
+
+    def abandon(self) -> None:
+        """Called on the trio side after a cancel."""
+        with self.lock:
+            self.abandoned = True
+            close_now = self.done or not self.started
+        if close_now:
+            self.close()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    def close_unless_abandoned(self) -> None:
+        with self.lock:
+            mine = not self.abandoned
+        if mine:
+            self.close()
 
 
 @final
@@ -256,6 +359,9 @@ class PostgresJobStore:
         prefetch: jobs claimed beyond the idle workers' needs, per claim statement (default
             0). More throughput for tiny jobs; but a prefetched job waits for a worker of
             this process while another process may be idle, so keep 0 for long jobs.
+        close_timeout: the longest `flush` (and so the closing of a queue) waits for an
+            unreachable or unresponsive database before it gives up with
+            `JobStoreUnavailableError` (S8-25); also the bound of one claim statement.
 
     Raises:
         TypeError: ``dsn`` or ``queue`` is not a str.
@@ -263,6 +369,8 @@ class PostgresJobStore:
     """
 
     _shared: _Shared
+    _close_timeout: float
+    _last_error: RepositoryError | None
     _queue: str
     _lease: float
     _poll: float
@@ -271,6 +379,8 @@ class PostgresJobStore:
     _ops: list[_Op]
     _records: dict[str, JobRecord]
     _held: dict[str, int]
+    _holds: dict[str, int]
+    _hold_serial: int
     _released: set[str]
     _watched: set[str]
     _done_ids: set[str]
@@ -281,12 +391,16 @@ class PostgresJobStore:
     _ready: bool
     _on_record: Callable[[JobRecord, Mapping[str, object]], None] | None
     _on_cancel: Callable[[str], None] | None
+    _on_missing: Callable[[str], None] | None
+    _looked_up: set[str]
+    _unwritten: set[str]
     _claims: bool
     _prefetch: int
     _waiting: int
     _claiming_now: bool
     _claimed_jobs: deque[ClaimedJob]
     _claim_conn: Conn | None
+    _stopped: bool
 
     def __init__(
         self,
@@ -298,6 +412,7 @@ class PostgresJobStore:
         max_connections: int = 8,
         claim: bool = True,
         prefetch: int = 0,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         dsn_value: object = dsn
         queue_value: object = queue
@@ -307,8 +422,14 @@ class PostgresJobStore:
             raise TypeError(f"queue must be a str, not {type(queue_value).__name__}")
         if not queue:
             raise ValueError("queue must not be empty")
-        if not (lease_seconds > 0 and poll_interval > 0 and max_connections >= 1):
-            raise ValueError("lease_seconds, poll_interval and max_connections must be positive")
+        if not (
+            lease_seconds > 0 and poll_interval > 0 and max_connections >= 1 and close_timeout > 0
+        ):
+            raise ValueError(
+                "lease_seconds, poll_interval, max_connections and close_timeout must be positive"
+            )
+        self._close_timeout = float(close_timeout)
+        self._last_error = None  # of the last failed write, chained by `flush` (S8-25)
         self._shared = _Shared(
             dsn=dsn, max_connections=max_connections, slots=trio.Semaphore(max_connections)
         )
@@ -320,6 +441,10 @@ class PostgresJobStore:
         self._ops = []
         self._records = {}
         self._held = {}
+        # The claim serial of each held job: a written outcome or release drops the hold it
+        # ended, never a newer claim of the same job made while the write was in flight.
+        self._holds = {}
+        self._hold_serial = 0
         self._released = set()
         self._watched = set()
         self._done_ids = set()
@@ -330,6 +455,11 @@ class PostgresJobStore:
         self._ready = False
         self._on_record = None
         self._on_cancel = None
+        self._on_missing = None
+        # Ids `watch` asked for that the table has not shown yet (S8-21), and ids of jobs
+        # submitted here whose row is not written yet (never reported missing).
+        self._looked_up = set()
+        self._unwritten = set()
         self._claims = bool(claim)
         if prefetch < 0:
             raise ValueError("prefetch must be >= 0")
@@ -338,6 +468,7 @@ class PostgresJobStore:
         self._claiming_now = False
         self._claimed_jobs = deque()
         self._claim_conn = None
+        self._stopped = False
 
     def __repr__(self) -> str:
         # Never the DSN: it may hold a password.
@@ -373,10 +504,14 @@ class PostgresJobStore:
         if record.state is JobState.RUNNING:
             return  # the claim wrote it
         if record.state is JobState.PENDING:
-            self._push(_Release(job_id=record.id, attempt=attempt, record=record))
+            self._push(
+                _Release(
+                    job_id=record.id, attempt=attempt, record=record, hold=self._holds[record.id]
+                )
+            )
         else:
             output = None if record.output is None else packb(dict(record.output))
-            self._push(_Outcome(record=record, output=output))
+            self._push(_Outcome(record=record, output=output, hold=self._holds[record.id]))
 
     def load(self, job_id: str) -> JobRecord | None:
         """The latest record of ``job_id`` this process has seen, or None."""
@@ -393,19 +528,47 @@ class PostgresJobStore:
         """
         Write every buffered operation, in order, one transaction per batch.
 
+        A database error is retried every half second; after ``close_timeout`` seconds
+        without success (an unreachable or hung database) it gives up (S8-25).
+
+        Raises:
+            JobStoreUnavailableError: not everything was written within ``close_timeout``;
+                the message counts what is still buffered, the last error is chained.
+
         Cancellation: a batch is written whole or not at all; what is not written stays
-        buffered.
+            buffered. (A batch whose statement was abandoned at the deadline may still
+            commit later: every write is idempotent, so writing it again is harmless.)
         """
         await trio.lowlevel.checkpoint()
-        async with self._flush_lock:
-            while self._ops:
-                batch = self._ops[:_MAX_BATCH]
-                await self._write(batch)
-                del self._ops[: len(batch)]
-                for op in batch:
-                    if isinstance(op, _Outcome | _Release):
-                        job_id = op.record.id if isinstance(op, _Outcome) else op.job_id
-                        self._held.pop(job_id, None)
+        with trio.move_on_after(self._close_timeout) as bound:
+            async with self._flush_lock:
+                while self._ops:
+                    batch = self._ops[:_MAX_BATCH]
+                    try:
+                        await self._write(batch)
+                    except RepositoryError as exc:
+                        self._last_error = exc
+                        await trio.sleep(_RETRY_SECONDS)
+                    else:
+                        self._last_error = None
+                        self._written(batch)
+        if bound.cancelled_caught and self._ops:
+            raise JobStoreUnavailableError(
+                f"job store {self._queue!r}: gave up after {self._close_timeout:g} s waiting for"
+                f" the database: {len(self._ops)} buffered operation(s) (submits, outcomes,"
+                " cancels) were not written"
+            ) from self._last_error
+
+    def _written(self, batch: list[_Op]) -> None:
+        del self._ops[: len(batch)]
+        for op in batch:
+            if isinstance(op, _Insert):
+                self._unwritten.discard(op.record.id)
+            elif isinstance(op, _Outcome | _Release):
+                job_id = op.record.id if isinstance(op, _Outcome) else op.job_id
+                if self._holds.get(job_id) == op.hold:
+                    del self._holds[job_id]
+                    self._held.pop(job_id, None)
 
     # --- what the queue calls in shared mode -------------------------------------------------
 
@@ -413,6 +576,7 @@ class PostgresJobStore:
         """Buffer a new job row (S8-15); its ``run_after`` is a trio-clock deadline."""
         self._records[record.id] = record
         self._watched.add(record.id)
+        self._unwritten.add(record.id)
         self._push(
             _Insert(
                 record=record,
@@ -423,8 +587,12 @@ class PostgresJobStore:
         )
 
     def watch(self, job_id: str) -> None:
-        """Follow a job another process runs: its records reach the queue's callback."""
+        """
+        Follow a job another process runs: its records reach the queue's callback; if the
+        table does not hold it when the store looks (at once), ``on_missing`` is called.
+        """
         self._watched.add(job_id)
+        self._looked_up.add(job_id)
         self._full_refresh = True
         self._dirty.set()
 
@@ -439,22 +607,22 @@ class PostgresJobStore:
         if attempt is None or job_id in self._released:
             return
         self._released.add(job_id)
-        self._push(_Release(job_id=job_id, attempt=attempt, record=None))
+        self._push(_Release(job_id=job_id, attempt=attempt, record=None, hold=self._holds[job_id]))
 
     async def claim(self) -> ClaimedJob:
         """
         Wait for a due job of a registered type and claim it (S8-16).
 
-        Claims coalesce: one claimer at a time runs the claim statement, for as many jobs as
-        there are claimers waiting in this process (never more: a process claims only what
-        its idle workers can start), and hands them out.
+        Claims coalesce: one claim statement at a time runs (one autocommit statement, one
+        thread hop), for as many jobs as there are claimers waiting in this process plus
+        ``prefetch``, and hands them out.
 
-        Cancellation: a claim statement runs in one thread hop and its jobs are kept even
-        when a cancel arrives meanwhile (another claimer takes them; the last claimer to be
-        cancelled releases them to the store); a cancel while waiting claims nothing.
+        Cancellation: a claim statement's jobs are kept even when a cancel arrives while it
+        runs (another claimer takes them; the last claimer to be cancelled releases them to
+        the store); a cancel while waiting claims nothing.
         """
         await self._start()
-        if not self._claims:
+        if not self._claims or self._stopped:
             await trio.sleep_forever()
         self._waiting += 1
         try:
@@ -471,12 +639,7 @@ class PostgresJobStore:
                 finally:
                     self._claiming_now = False
                 if isinstance(found, list):
-                    for job in found:
-                        self._released.discard(job.record.id)
-                        self._held[job.record.id] = job.record.attempt
-                        self._records[job.record.id] = job.record
-                    self._claimed_jobs.extend(found)
-                    self._lot.unpark_all()
+                    self._take(found)
                     continue
                 wait = self._poll if found is None else min(self._poll, max(found, 0.0) + 0.01)
                 with trio.move_on_after(wait):
@@ -484,14 +647,40 @@ class PostgresJobStore:
         except BaseException:
             if self._waiting == 1:
                 # The last claimer leaves (cancelled): what it claimed goes back to the store.
-                while self._claimed_jobs:
-                    self.release(self._claimed_jobs.popleft().record.id)
+                self._release_buffered()
             raise
         finally:
             self._waiting -= 1
 
+    def stop_claiming(self) -> None:
+        """
+        Claim nothing more (the queue is closing): jobs claimed for no worker yet (prefetched)
+        go back to the store at once, and so do those of a claim statement still running
+        (S8-23).
+        """
+        self._stopped = True
+        self._release_buffered()
+        self._lot.unpark_all()
+
+    def _release_buffered(self) -> None:
+        while self._claimed_jobs:
+            self.release(self._claimed_jobs.popleft().record.id)
+
+    def _take(self, found: list[ClaimedJob]) -> None:
+        for job in found:
+            self._released.discard(job.record.id)
+            self._held[job.record.id] = job.record.attempt
+            self._hold_serial += 1
+            self._holds[job.record.id] = self._hold_serial
+            self._records[job.record.id] = job.record
+        self._claimed_jobs.extend(found)
+        if self._stopped:
+            self._release_buffered()
+        self._lot.unpark_all()
+
     async def _claim_batch(self, limit: int) -> list[ClaimedJob] | float | None:
-        from ._repository._postgres import _close, _connect
+        import psycopg
+
         from ._task import registered_task_types
 
         params: dict[str, object] = {
@@ -501,20 +690,43 @@ class PostgresJobStore:
             "types": registered_task_types(),
             "limit": limit,
         }
+        # One autocommit statement in one thread hop (no BEGIN/COMMIT round trips), on a
+        # dedicated connection. Shielded, so that the jobs it claims are kept even when a
+        # cancel arrives meanwhile (S8-16), but bounded: a hung database is abandoned after
+        # close_timeout (S8-25), the jobs it may have claimed then coming back when their
+        # lease expires.
+        hop = _Hop(conn=self._claim_conn)
+        self._claim_conn = None
+        connect = functools.partial(_connect_autocommit, self._shared.dsn)
         try:
-            if self._claim_conn is None:
-                self._claim_conn = await _run(_connect, self._shared.dsn)
-            conn = self._claim_conn
-            try:
-                return await _transaction(conn, functools.partial(self._claim_rows, params=params))
-            except RepositoryError:
-                self._claim_conn = None
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(_close, conn)
-                raise
-        except RepositoryError:
+            found: list[ClaimedJob] | float | None = None
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self._close_timeout) as bound:
+                    found = await trio.to_thread.run_sync(
+                        functools.partial(
+                            hop.run, connect, functools.partial(self._claim_rows, params=params)
+                        ),
+                        abandon_on_cancel=True,
+                    )
+        except psycopg.Error as exc:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(hop.close)
+            logger.warning("claiming jobs failed (%s); retrying", exc)
+            return _RETRY_SECONDS
+        except TaskGraphError:
+            # A claimed row that does not decode (its jobs come back when their lease
+            # expires); the connection is fine.
+            self._claim_conn = hop.conn
             logger.warning("claiming jobs failed; retrying", exc_info=True)
             return _RETRY_SECONDS
+        if bound.cancelled_caught:
+            hop.abandon()  # the thread closes the connection when it ends
+            logger.warning(
+                "a claim statement took more than %g s: abandoned; retrying", self._close_timeout
+            )
+            return _RETRY_SECONDS
+        self._claim_conn = hop.conn
+        return found
 
     def _claim_rows(
         self, conn: Conn, *, params: Mapping[str, object]
@@ -524,6 +736,7 @@ class PostgresJobStore:
             # Invariant (S8-16): handed out in (run_after, seq) order.
             rows.sort(key=lambda r: (r[9], r[10]))
             return [self._claimed(row) for row in rows]
+        # Nothing due (autocommit: each statement is its own transaction).
         conn.execute(_EXPIRED_CANCELS, params)
         due = conn.execute(_NEXT_DUE, params).fetchone()
         if due is None or due[0] is None:
@@ -560,18 +773,22 @@ class PostgresJobStore:
         *,
         on_record: Callable[[JobRecord, Mapping[str, object]], None],
         on_cancel: Callable[[str], None],
+        on_missing: Callable[[str], None],
     ) -> None:
         """
         Start the flusher, lease renewer and listener in ``nursery`` (the queue's service
         nursery); ``on_record`` receives records of watched jobs, ``on_cancel`` the ids of
-        held jobs whose cancel was requested elsewhere.
+        held jobs whose cancel was requested elsewhere, ``on_missing`` the ids passed to
+        `watch` that the table does not hold (S8-21).
 
         Cancellation: the tables are created (if needed) and the listener connected before
         this returns; a cancel leaves nothing started.
         """
         self._on_record = on_record
         self._on_cancel = on_cancel
+        self._on_missing = on_missing
         await self._start()
+        self._stopped = False  # a store may serve one queue after another
         await nursery.start(self._listener)
         nursery.start_soon(self._flusher)
         nursery.start_soon(self._renewer)
@@ -588,8 +805,44 @@ class PostgresJobStore:
                     self._ready = True
 
     async def _do(self, fn: Callable[[Conn], T]) -> T:
-        async with self._shared.connection() as conn:
-            return await _transaction(conn, fn)
+        """
+        Run ``fn(conn)`` and commit, in one thread hop on a pooled connection.
+
+        Unlike the repository's pool, a cancel does not wait for the thread (S8-25): the hop
+        is abandoned, and the connection, never returned to the pool, is closed by the thread
+        when it ends. So a hung database cannot hold up a closing queue.
+        """
+        import psycopg
+
+        from ._repository._postgres import _connect
+
+        shared = self._shared
+        async with shared.slots:
+            if shared.closed:
+                raise RepositoryError("the job store is closed")
+            hop = _Hop(conn=shared.idle.pop() if shared.idle else None)
+            try:
+                result = await trio.to_thread.run_sync(
+                    functools.partial(hop.run, functools.partial(_connect, shared.dsn), fn),
+                    abandon_on_cancel=True,
+                )
+            except psycopg.Error as exc:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(hop.close)
+                raise RepositoryError(f"database error: {exc}") from exc
+            except BaseException:
+                hop.abandon()
+                raise
+            conn = hop.conn
+            assert conn is not None
+            if not self._pool_takes(conn):
+                await trio.to_thread.run_sync(hop.close)
+            else:
+                shared.idle.append(conn)
+            return result
+
+    def _pool_takes(self, conn: Conn) -> bool:
+        return not (self._shared.closed or conn.closed or conn.broken)
 
     def _push(self, op: _Op) -> None:
         self._ops.append(op)
@@ -610,9 +863,18 @@ class PostgresJobStore:
                 await trio.sleep(_RETRY_SECONDS)
 
     def _write_batch(self, conn: Conn, batch: list[_Op], now: float) -> bool:
+        # Pipeline mode: the batch's statements and its COMMIT go out together and their
+        # results come back together: one round trip (and one GIL hand-over) per batch.
+        with conn.pipeline():
+            added = self._write_ops(conn, batch, now)
+            conn.commit()
+        return added
+
+    def _write_ops(self, conn: Conn, batch: list[_Op], now: float) -> bool:
         added = False
         notes: list[str] = []
         done: list[str] = []
+        outcomes: list[_Outcome] = []
         touched = sorted(
             {
                 op.record.id if isinstance(op, _Outcome) else op.job_id
@@ -622,8 +884,9 @@ class PostgresJobStore:
         )
         if touched:
             conn.execute(
-                "SELECT 1 FROM trio_taskgraph_jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-                (touched,),
+                "SELECT 1 FROM trio_taskgraph_jobs WHERE id = ANY(%s::text[]) ORDER BY id"
+                " FOR UPDATE",
+                (_array_literal(touched),),
             )
         for op in batch:
             if isinstance(op, _Insert):
@@ -632,7 +895,9 @@ class PostgresJobStore:
                     "INSERT INTO trio_taskgraph_jobs (id, queue, kind, task_type, inputs, state,"
                     " max_retries, retry_delay, retry_backoff, run_after) VALUES"
                     " (%s, %s, %s, %s, %b, 'pending', %s, %s, %s,"
-                    " clock_timestamp() + %s * interval '1 second')",
+                    " clock_timestamp() + %s * interval '1 second')"
+                    # Idempotent: a batch abandoned at a deadline may have committed.
+                    " ON CONFLICT (id) DO NOTHING",
                     (
                         record.id,
                         self._queue,
@@ -647,22 +912,8 @@ class PostgresJobStore:
                 )
                 added = True
             elif isinstance(op, _Outcome):
-                record = op.record
-                # Invariant (S8-17): only the lease holder of this attempt writes its outcome.
-                conn.execute(
-                    "UPDATE trio_taskgraph_jobs SET state = %s, output = %b, error = %s,"
-                    " lease_owner = NULL, lease_until = NULL, finished = clock_timestamp()"
-                    " WHERE id = %s AND lease_owner = %s AND attempt = %s AND state = 'running'",
-                    (
-                        record.state.value,
-                        op.output,
-                        record.error,
-                        record.id,
-                        self._owner,
-                        record.attempt,
-                    ),
-                )
-                done.append(record.id)
+                outcomes.append(op)
+                done.append(op.record.id)
             elif isinstance(op, _Release):
                 retry = op.record
                 if retry is None:
@@ -676,12 +927,13 @@ class PostgresJobStore:
                 else:
                     conn.execute(
                         "UPDATE trio_taskgraph_jobs SET state = 'pending', error = %s,"
-                        " lease_owner = NULL, lease_until = NULL,"
+                        " error_traceback = %s, lease_owner = NULL, lease_until = NULL,"
                         " run_after = clock_timestamp() + %s * interval '1 second'"
                         " WHERE id = %s AND lease_owner = %s AND attempt = %s"
                         " AND state = 'running'",
                         (
                             retry.error,
+                            retry.error_traceback,
                             _delay(retry.run_after, now),
                             op.job_id,
                             self._owner,
@@ -701,6 +953,31 @@ class PostgresJobStore:
                     (op.job_id, self._queue),
                 )
                 notes.append(f"cancel:{op.job_id}")
+        if outcomes:
+            # One statement for every outcome of the batch (their rows are locked above, in
+            # id order). Invariant (S8-17): only the lease holder of this attempt writes one.
+            conn.execute(
+                "UPDATE trio_taskgraph_jobs j SET state = v.state, output = v.output,"
+                " error = v.error, error_traceback = v.trace, lease_owner = NULL,"
+                " lease_until = NULL, finished = clock_timestamp()"
+                " FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], %s::text[],"
+                " %s::int[]) AS v(id, state, output, error, trace, attempt)"
+                " WHERE j.id = v.id AND j.lease_owner = %s AND j.attempt = v.attempt"
+                " AND j.state = 'running'",
+                # Array literals, one str each: psycopg adapts a Python list element by
+                # element, four times the CPU of the whole statement otherwise.
+                (
+                    _array_literal([op.record.id for op in outcomes]),
+                    _array_literal([op.record.state.value for op in outcomes]),
+                    _array_literal(
+                        [None if op.output is None else "\\x" + op.output.hex() for op in outcomes]
+                    ),
+                    _array_literal([op.record.error for op in outcomes]),
+                    _array_literal([op.record.error_traceback for op in outcomes]),
+                    _array_literal([str(op.record.attempt) for op in outcomes]),
+                    self._owner,
+                ),
+            )
         # One NOTIFY per ~200 finished jobs, not one each.
         notes.extend("done:" + ",".join(done[at : at + 200]) for at in range(0, len(done), 200))
         if added:
@@ -755,7 +1032,9 @@ class PostgresJobStore:
     def _load(self, conn: Conn, ids: list[str]) -> list[tuple[JobRecord, Mapping[str, object]]]:
         rows = conn.execute(_SELECT_RECORDS, (self._queue, ids)).fetchall()
         out = []
-        for job_id, kind, task_type, inputs, state, attempt, retries, output, error, wait in rows:
+        for row in rows:
+            job_id, kind, task_type, inputs, state, attempt, retries, output, error, wait = row[:10]
+            trace = row[10]
             record = JobRecord(
                 id=str(job_id),
                 kind=str(kind),
@@ -766,6 +1045,7 @@ class PostgresJobStore:
                 run_after=None if wait is None else float(wait),  # relative: fixed below
                 output=_decode_mapping(None if output is None else bytes(output)),
                 error=None if error is None else str(error),
+                error_traceback=None if trace is None else str(trace),
             )
             decoded = _decode_mapping(bytes(inputs))
             assert decoded is not None
@@ -786,6 +1066,16 @@ class PostgresJobStore:
             return
         loaded = await self._do(lambda conn: self._load(conn, ids))
         now = trio.current_time()
+        found = {record.id for record, _ in loaded}
+        for job_id in ids:
+            if job_id in found:
+                self._looked_up.discard(job_id)
+            elif job_id in self._looked_up and job_id not in self._unwritten:
+                # Invariant (S8-21): an id the table does not hold fails its handle at once.
+                self._looked_up.discard(job_id)
+                self._watched.discard(job_id)
+                if self._on_missing is not None:
+                    self._on_missing(job_id)
         for record, inputs in loaded:
             if record.id in self._held:
                 continue
@@ -802,37 +1092,76 @@ class PostgresJobStore:
     async def _listener(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        from ._repository._postgres import _close, _connect
+        import psycopg
 
-        conn = await _run(_connect, self._shared.dsn)
-        try:
-            await _run(self._listen, conn)
-            task_status.started()
-            pgconn = conn.pgconn
-            while True:
-                with trio.move_on_after(self._poll):
-                    await trio.lowlevel.wait_readable(pgconn.socket)
-                pgconn.consume_input()
-                new = heard = False
-                while (note := pgconn.notifies()) is not None:
-                    heard = True
-                    kind, _, job_id = note.extra.decode().partition(":")
-                    if kind == "new":
-                        new = True
-                    elif kind == "cancel":
-                        self._cancel_held(job_id)
-                        self._done_ids.add(job_id)
-                    elif kind == "done":
-                        self._done_ids.update(job_id.split(","))
-                if new or not heard:
-                    self._lot.unpark_all()  # new jobs, or the fallback poll
-                if not heard:
+        from ._repository._postgres import _connect
+
+        started = False
+        while True:
+            hop = _Hop(conn=None)
+            try:
+                try:
+                    # Abandoned on cancel (S8-25): a hung database never holds up a close.
+                    await trio.to_thread.run_sync(
+                        functools.partial(
+                            hop.run, functools.partial(_connect, self._shared.dsn), self._listen
+                        ),
+                        abandon_on_cancel=True,
+                    )
+                except BaseException:
+                    hop.abandon()
+                    raise
+                if not started:
+                    task_status.started()
+                    started = True
+                else:
+                    # Notifications may have been missed meanwhile: look at everything.
                     self._full_refresh = True
-                if self._watched and (self._full_refresh or self._done_ids):
-                    self._dirty.set()  # the flusher refreshes the watched jobs
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_close, conn)
+                    self._lot.unpark_all()
+                    self._dirty.set()
+                assert hop.conn is not None
+                await self._hear(hop.conn)
+            except psycopg.Error as exc:
+                if not started:
+                    raise RepositoryError(f"database error: {exc}") from exc
+                # Invariant (S8-25): a lost connection is not the queue's end: reconnect.
+                logger.warning("the job store's LISTEN connection failed (%s); reconnecting", exc)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(hop.close_unless_abandoned)
+            await trio.sleep(_RETRY_SECONDS)
+
+    async def _hear(self, conn: Conn) -> None:
+        pgconn = conn.pgconn
+        while True:
+            with trio.move_on_after(self._poll):
+                await trio.lowlevel.wait_readable(pgconn.socket)
+            pgconn.consume_input()
+            new = heard = False
+            while (note := pgconn.notifies()) is not None:
+                heard = True
+                new = self._heard(note.extra.decode()) or new
+            if new or not heard:
+                self._lot.unpark_all()  # new jobs, or the fallback poll
+            if not heard:
+                self._full_refresh = True
+            if self._watched and (self._full_refresh or self._done_ids):
+                self._dirty.set()  # the flusher refreshes the watched jobs
+
+    def _heard(self, payload: str) -> bool:
+        """Take one NOTIFY payload; True if it says jobs were added or released."""
+        kind, _, job_id = payload.partition(":")
+        if kind == "new":
+            return True
+        if kind == "cancel":
+            self._cancel_held(job_id)
+            if job_id in self._watched:
+                self._done_ids.add(job_id)
+        elif kind == "done":
+            # Only the watched ones: a worker watches nothing and must not collect the id of
+            # every job any process finishes.
+            self._done_ids.update(i for i in job_id.split(",") if i in self._watched)
+        return False
 
     def _listen(self, conn: Conn) -> None:
         conn.autocommit = True
@@ -845,10 +1174,10 @@ class PostgresJobStore:
 
         Cancellation: shielded; the connections are closed whatever happens.
         """
+        from ._repository._postgres import _close
+
         with trio.CancelScope(shield=True):
             conn, self._claim_conn = self._claim_conn, None
             if conn is not None:
-                from ._repository._postgres import _close
-
                 await trio.to_thread.run_sync(_close, conn)
             await self._shared.aclose()

@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._jobs import open_job_queue
-from ._jobs_postgres import DEFAULT_LEASE_SECONDS, DEFAULT_POLL_INTERVAL, PostgresJobStore
+from ._jobs_postgres import (
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_POLL_INTERVAL,
+    PostgresJobStore,
+)
 from ._repository._postgres import PostgresOutputRepository
 from ._task import RunConfig
 
@@ -60,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace", type=float, default=30.0, help="seconds running jobs get on SIGTERM"
     )
+    parser.add_argument(
+        "--close-timeout",
+        type=float,
+        default=DEFAULT_CLOSE_TIMEOUT,
+        help="seconds the final flush waits for an unreachable database (S8-25)",
+    )
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -69,6 +80,7 @@ async def _serve(args: argparse.Namespace) -> None:
         lease_seconds=args.lease,
         poll_interval=args.poll,
         prefetch=args.prefetch,
+        close_timeout=args.close_timeout,
     )
     cache = PostgresOutputRepository(args.cache_dsn or args.dsn, namespace=args.namespace)
     config = RunConfig(cache=cache)

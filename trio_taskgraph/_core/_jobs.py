@@ -235,6 +235,8 @@ class JobRecord:
         run_after: when the job is due next (trio clock), or ``None`` for "when submitted".
         output: the output of a completed job, refs kept as `CacheRef` (never hydrated).
         error: ``"TypeName: message"`` of the last failure, if any.
+        error_traceback: the last failure's formatted traceback (its cause chain included),
+            if any, so that another process can show it (S8-24).
     """
 
     id: str
@@ -246,6 +248,7 @@ class JobRecord:
     run_after: float | None = None
     output: Mapping[str, object] | None = None
     error: str | None = None
+    error_traceback: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -259,32 +262,34 @@ class JobRecord:
         output: Mapping[str, object] | None = None,
         error: str | None = None,
         run_after: float | None = None,
+        error_traceback: str | None = None,
     ) -> JobRecord:
         """
         Return the record after ``event`` (S8-1); ``self`` is unchanged.
 
         ``start`` counts an attempt; ``succeed`` stores ``output``; ``fail`` and ``retry``
-        store ``error``; ``retry`` stores the new ``run_after``.
+        store ``error`` and ``error_traceback``; ``retry`` stores the new ``run_after``.
 
         Raises:
             JobStateError: the transition does not exist.
         """
         state = transition(self.state, event)
         # Built directly (not attrs.evolve): this runs twice per job on the queue's hot path.
-        attempt, kept_output, kept_error, kept_run_after = (
+        attempt, kept_output, kept_error, kept_run_after, kept_traceback = (
             self.attempt,
             self.output,
             self.error,
             self.run_after,
+            self.error_traceback,
         )
         if event is JobEvent.START:
             attempt += 1
         elif event is JobEvent.SUCCEED:
             kept_output = output
         elif event is JobEvent.RETRY:
-            kept_error, kept_run_after = error, run_after
+            kept_error, kept_run_after, kept_traceback = error, run_after, error_traceback
         elif event is JobEvent.FAIL:
-            kept_error = error
+            kept_error, kept_traceback = error, error_traceback
         return JobRecord(
             id=self.id,
             kind=self.kind,
@@ -295,6 +300,7 @@ class JobRecord:
             run_after=kept_run_after,
             output=kept_output,
             error=kept_error,
+            error_traceback=kept_traceback,
         )
 
 
