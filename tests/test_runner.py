@@ -1146,3 +1146,25 @@ async def test_a_sink_returning_a_non_ref_fails_the_task_by_name() -> None:
     assert isinstance(cause, tg.RepositoryError)
     assert "'data'" in str(cause)
     assert "returned str, not a CacheRef" in str(cause)
+
+
+class _SpawnCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.spawned = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned += 1
+
+
+@pytest.mark.parametrize("cached", [False, True])
+async def test_a_one_node_run_spawns_no_task(cached: bool) -> None:
+    """S6-56: run_task of an ``execute`` task, with or without a cache, spawns no task."""
+    counter = _SpawnCounter()
+    config = tg.RunConfig(cache=tg.MemoryOutputRepository() if cached else None)
+    trio.lowlevel.add_instrument(counter)
+    try:
+        out = await tg.run_task(Returns(), {"size": 100}, config=config)
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert len(out["data"]) == 100  # type: ignore[arg-type]
+    assert counter.spawned == 0

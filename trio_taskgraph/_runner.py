@@ -254,10 +254,18 @@ class _Run:
 
     async def run(self) -> dict[str, dict[str, object]]:
         await trio.lowlevel.checkpoint()
-        async with trio.open_nursery() as nursery:
-            self.scope = nursery.cancel_scope
-            for node in self.nodes.values():
-                nursery.start_soon(self._node_task, node, name=f"{node.node_id} ({node.task_type})")
+        if len(self.nodes) == 1:
+            # One node (`run_task`, a job): it runs in the caller's task, with no nursery and
+            # no task switch to pay for; a failure is recorded and raised below all the same.
+            with trio.CancelScope() as self.scope:
+                await self._node_task(next(iter(self.nodes.values())))
+        else:
+            async with trio.open_nursery() as nursery:
+                self.scope = nursery.cancel_scope
+                for node in self.nodes.values():
+                    nursery.start_soon(
+                        self._node_task, node, name=f"{node.node_id} ({node.task_type})"
+                    )
         if self.failures:
             # Invariant (S6-48): the first failure, as itself, its cause chained.
             raise self.failures[0]

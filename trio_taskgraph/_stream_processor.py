@@ -320,6 +320,11 @@ class StreamProcessor:
                 pulled = self._pulled_port()
                 if pulled is not None:
                     await self._run_pulled(stream, pulled)
+                elif self.sink is None:
+                    # No sink: nothing runs beside the task, so no nursery (a job of tiny
+                    # tasks pays for none). No route sinks without a sink (checked at init).
+                    async for event in stream:
+                        await self._step(event)
                 else:
                     async with trio.open_nursery() as nursery:
                         self._scope = nursery.cancel_scope
