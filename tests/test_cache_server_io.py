@@ -17,7 +17,7 @@ import trio.testing
 
 from trio_taskgraph._cache_server import (
     receive_into,
-    send_file_now_or_later,
+    send_file,
     tune_allocator,
     write_now,
     write_rest,
@@ -79,7 +79,7 @@ async def test_send_file_sends_the_file_range_through_a_full_socket(tmp_path: Pa
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_all)
-            await send_file_now_or_later(left, fd, 1000, len(expected))
+            await send_file(left, fd, 1000, len(expected))
     finally:
         os.close(fd)
     assert received == expected
@@ -96,13 +96,13 @@ async def test_send_file_past_the_end_of_the_file_is_broken(tmp_path: Path) -> N
     fd = os.open(path, os.O_RDONLY)
     try:
         with pytest.raises(trio.BrokenResourceError, match="ended before"):
-            await send_file_now_or_later(left, fd, 0, 200)
+            await send_file(left, fd, 0, 200)
     finally:
         os.close(fd)
     assert await right.receive_some(1000) == b"x" * 100
     await left.aclose()
     with pytest.raises(trio.ClosedResourceError):
-        await send_file_now_or_later(left, 0, 0, 1)
+        await send_file(left, 0, 0, 1)
     await right.aclose()
 
 

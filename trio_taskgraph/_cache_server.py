@@ -55,6 +55,7 @@ from ._core._messages import (
     Data,
     DeletePrefix,
     DeleteRef,
+    DetachedChunk,
     EndStream,
     Failed,
     Gc,
@@ -68,7 +69,7 @@ from ._core._messages import (
     ServerStats,
     Stats,
     Welcome,
-    decode_client,
+    decode_client_stream,
     encode_data_frame,
     encode_data_frame_head,
     encode_message,
@@ -92,6 +93,7 @@ __all__ = [
     "CacheServerStatistics",
     "prepare_socket_path",
     "receive_into",
+    "send_file",
     "serve_cache_server",
     "tune_allocator",
     "widen_send_buffer",
@@ -112,6 +114,8 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 #: Seconds a connection-level error reply may take to send before the socket is just closed.
 _GOODBYE_TIMEOUT: Final = 1.0
 _RECEIVE_BYTES: Final = 1024 * 1024
+#: Upload payloads at least this large are received into buffers of their own (S5-18).
+DETACH_BIN_BYTES: Final = 64 * 1024
 
 
 @final
@@ -227,6 +231,10 @@ class _Upload:
 class _Download:
     id: int
     credit: int
+    # Invariant (S5-17): a frame being sent from the blob file is never cut by an abort;
+    # the abort (``aborted``) takes effect when the frame is done.
+    in_frame: bool = False
+    aborted: bool = False
     lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
@@ -278,8 +286,13 @@ class _Connection:
     def __init__(self, server: CacheServer, stream: trio.abc.Stream) -> None:
         self.server = server
         self.stream = stream
-        self.decoder = FrameDecoder(max_frame_bytes=server.max_frame_bytes)
+        # Invariant (S5-18): upload payloads arrive in buffers of their own, uncopied.
+        self.decoder = FrameDecoder(
+            max_frame_bytes=server.max_frame_bytes, detach_bin_bytes=DETACH_BIN_BYTES
+        )
         self.send_lock = trio.Lock()
+        # A frame was cut short (S5-17): nothing more may be sent; the connection goes.
+        self.broken = False
         self.requests: dict[int, _Entry] = {}
         self.namespace = ""
         self.views: dict[str, FsOutputRepository] = {}
@@ -312,6 +325,8 @@ class _Connection:
             await lock.acquire()
         try:
             try:
+                if self.broken:
+                    raise trio.BrokenResourceError("a frame was cut short on this connection")
                 rest = write_now(self.stream, parts)
                 if rest:
                     # A frame cut by a cancellation would corrupt the stream: finish it.
@@ -382,7 +397,7 @@ class _Connection:
         ):
             await self.send(message)
 
-    async def _next_message(self) -> ClientMessage:
+    async def _next_message(self) -> ClientMessage | DetachedChunk:
         decoder = self.decoder
         server = self.server
         while True:
@@ -400,9 +415,9 @@ class _Connection:
                 continue
             if frame is CLOSED:
                 raise _CleanClose
-            return decode_client(frame)
+            return decode_client_stream(frame)
 
-    def _handshake(self, hello: ClientMessage) -> None:
+    def _handshake(self, hello: ClientMessage | DetachedChunk) -> None:
         if not isinstance(hello, Hello):
             raise _Violation(f"the first message must be 'hello', not {type(hello).__name__}")
         if hello.version != PROTOCOL_VERSION:
@@ -449,10 +464,10 @@ class _Connection:
             self.idle.set()
             self.server._wake()
 
-    def _dispatch(self, message: ClientMessage) -> None:
+    def _dispatch(self, message: ClientMessage | DetachedChunk) -> None:
         nursery = self.nursery
         assert nursery is not None
-        if isinstance(message, ChunkMessage):
+        if isinstance(message, ChunkMessage | DetachedChunk):
             self._on_chunk(message)
         elif isinstance(message, Credit):
             self._on_credit(message)
@@ -512,7 +527,7 @@ class _Connection:
 
         self.nursery.start_soon(self._guard, refuse)
 
-    def _on_chunk(self, message: ChunkMessage) -> None:
+    def _on_chunk(self, message: ChunkMessage | DetachedChunk) -> None:
         upload = self.requests.get(message.id, None)
         if not isinstance(upload, _Upload) or upload.ended:
             raise _Violation(f"chunk for request {message.id}, which is not an open upload")
@@ -546,7 +561,9 @@ class _Connection:
     def _on_end(self, message: EndStream | Abort) -> None:
         entry = self.requests.get(message.id, None)
         if isinstance(message, Abort):
-            if isinstance(entry, _Upload | _Download):
+            if isinstance(entry, _Download) and entry.in_frame:
+                entry.aborted = True  # cancelled once its frame is whole (S5-17)
+            elif isinstance(entry, _Upload | _Download):
                 entry.scope.cancel()
             if isinstance(entry, _Upload):
                 entry.ended = True
@@ -735,12 +752,13 @@ class _Connection:
     async def _sendfile_pieces(self, download: _Download, fd: int) -> None:
         """
         Send the published blob file ``fd`` as data frames straight from the kernel's page
-        cache to the socket (``os.sendfile``: no copy through this process and nothing
-        buffered here), under the client's credit. The bytes on the wire are exactly those
-        `_stream_pieces` sends (S5-16): each frame's head, then ``chunk_bytes`` of the file.
+        cache to the socket (``os.sendfile`` in a worker thread: no copy through this
+        process, nothing buffered here, and a cold disk read never blocks the event loop),
+        under the client's credit. The bytes on the wire are exactly those `_stream_pieces`
+        sends (S5-16): each frame's head, then ``chunk_bytes`` of the file.
         """
         chunk_bytes = self.server.chunk_bytes
-        size = os.fstat(fd).st_size
+        size = (await trio.to_thread.run_sync(os.fstat, fd)).st_size
         offset = 0
         while offset < size:
             count = min(chunk_bytes, size - offset)
@@ -748,16 +766,29 @@ class _Connection:
             while download.credit < count:
                 await download.lot.park()
             download.credit -= count
-            await self._send_file_frame(
-                encode_data_frame_head(download.id, count), fd, offset, count
-            )
+            # An abort (or a teardown) that came while we did not wait takes effect here,
+            # before the frame starts; one arriving from now on waits for the frame (S5-17).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            download.in_frame = True
+            try:
+                await self._send_file_frame(
+                    encode_data_frame_head(download.id, count), fd, offset, count
+                )
+            finally:
+                download.in_frame = False
+                if download.aborted:
+                    download.scope.cancel()
             offset += count
 
     async def _send_file_frame(self, head: bytes, fd: int, offset: int, count: int) -> None:
         """
-        Send one frame: ``head``, then ``count`` bytes of file ``fd`` from ``offset``. Like
-        `_send_parts`, the frame goes whole (the rest is sent under a shield) or the
-        connection is torn down.
+        Send one frame: ``head``, then ``count`` bytes of file ``fd`` from ``offset``.
+
+        Not shielded, unlike `_send_parts`: the payload goes out in worker-thread hops that
+        wait for a writable socket, and a peer that stops reading must not pin the server.
+        Only the connection itself is ever cancelled mid-frame (an abort waits for the frame,
+        S5-17), so a frame cut short, by cancellation or by an error, breaks the connection:
+        nothing else is sent on it and it is torn down (S5-10).
         """
         stream = self.stream
         assert isinstance(stream, trio.SocketStream)
@@ -767,15 +798,23 @@ class _Connection:
         except trio.WouldBlock:
             await lock.acquire()
         try:
+            if self.broken:
+                raise trio.BrokenResourceError("a frame was cut short on this connection")
+            started = False
             try:
                 rest = write_now(stream, [head])
-                with trio.CancelScope(shield=True):
-                    if rest:
-                        await write_rest(stream, rest)
-                    await send_file_now_or_later(stream, fd, offset, count)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._tear_down()
+                started = True
+                if rest:
+                    await write_rest(stream, rest)
+                await send_file(stream, fd, offset, count)
+            except BaseException:
+                if started:
+                    self.broken = True
+                    self._tear_down()
                 raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._tear_down()
+            raise
         finally:
             lock.release()
 
@@ -983,44 +1022,59 @@ async def receive_into(stream: trio.abc.Stream, decoder: FrameDecoder, size: int
     decoder.commit_received(count)
 
 
-async def send_file_now_or_later(
-    stream: trio.SocketStream, fd: int, offset: int, count: int
-) -> None:
+def _sendfile_some(sock_fd: int, fd: int, offset: int, count: int) -> int:
     """
-    Send ``count`` bytes of file ``fd`` from ``offset`` to ``stream``'s socket with
-    ``os.sendfile``, waiting for room when the socket is full. Always a trip through the
-    scheduler (once), never a cancellation point when the kernel takes it all at once.
+    In a worker thread: ``os.sendfile`` up to ``count`` bytes of ``fd`` from ``offset`` to
+    the non-blocking socket ``sock_fd``, until done or the socket is full. Returns the bytes
+    sent, or -1 if the file ended first.
+    """
+    done = 0
+    while done < count:
+        try:
+            sent = os.sendfile(sock_fd, fd, offset + done, count - done)
+        except BlockingIOError:
+            break
+        if not sent:
+            return -1
+        done += sent
+    return done
 
-    The file is read by the kernel from its page cache (a published blob was just written,
-    or read before); a cold read blocks this thread for at most one chunk's disk read.
+
+async def send_file(stream: trio.SocketStream, fd: int, offset: int, count: int) -> None:
+    """
+    Send ``count`` bytes of file ``fd`` from ``offset`` to ``stream``'s socket.
+
+    Each step waits until the socket is writable, then runs ``os.sendfile`` in a worker
+    thread (`trio.to_thread.run_sync`): the kernel reads the file (from its page cache, or
+    from disk when cold: blocking file I/O never runs on the event loop, as DESIGN asks)
+    and copies it to the socket; no byte passes through this process. One thread hop per
+    chunk when the reader keeps up (the socket's buffer holds a whole chunk).
 
     Raises:
         trio.BrokenResourceError: the socket broke, or the file ended before ``count``
             bytes (the frame cannot be finished: the connection must be torn down).
         trio.ClosedResourceError: the socket is closed.
 
-    Cancellation: call it under a shield; a frame cut half-way would corrupt the stream.
+    Cancellation: a cancellation point while waiting for room (or before a hop), never
+    during one; the bytes already sent stay sent, so a caller cancelled part-way must
+    treat the connection as broken.
     """
     sock = stream.socket
-    waited = False
     while count:
+        if sock.fileno() < 0:
+            raise trio.ClosedResourceError("the socket is closed")
+        await trio.lowlevel.wait_writable(sock)
         sock_fd = sock.fileno()
         if sock_fd < 0:
             raise trio.ClosedResourceError("the socket is closed")
         try:
-            sent = os.sendfile(sock_fd, fd, offset, count)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            waited = True
-            continue
+            sent = await trio.to_thread.run_sync(_sendfile_some, sock_fd, fd, offset, count)
         except OSError as exc:
             raise trio.BrokenResourceError(f"the socket broke: {exc}") from exc
-        if not sent:
+        if sent < 0:
             raise trio.BrokenResourceError("the blob file ended before its frame did")
         offset += sent
         count -= sent
-    if not waited:
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 async def write_rest(stream: trio.abc.Stream, rest: list[bytes | bytearray | memoryview]) -> None:
