@@ -55,7 +55,6 @@ from ._core._messages import (
     Data,
     DeletePrefix,
     DeleteRef,
-    DetachedChunk,
     EndStream,
     Failed,
     Gc,
@@ -69,7 +68,7 @@ from ._core._messages import (
     ServerStats,
     Stats,
     Welcome,
-    decode_client_stream,
+    decode_client,
     encode_data_frame,
     encode_data_frame_head,
     encode_message,
@@ -397,7 +396,7 @@ class _Connection:
         ):
             await self.send(message)
 
-    async def _next_message(self) -> ClientMessage | DetachedChunk:
+    async def _next_message(self) -> ClientMessage:
         decoder = self.decoder
         server = self.server
         while True:
@@ -415,9 +414,9 @@ class _Connection:
                 continue
             if frame is CLOSED:
                 raise _CleanClose
-            return decode_client_stream(frame)
+            return decode_client(frame)
 
-    def _handshake(self, hello: ClientMessage | DetachedChunk) -> None:
+    def _handshake(self, hello: ClientMessage) -> None:
         if not isinstance(hello, Hello):
             raise _Violation(f"the first message must be 'hello', not {type(hello).__name__}")
         if hello.version != PROTOCOL_VERSION:
@@ -464,10 +463,10 @@ class _Connection:
             self.idle.set()
             self.server._wake()
 
-    def _dispatch(self, message: ClientMessage | DetachedChunk) -> None:
+    def _dispatch(self, message: ClientMessage) -> None:
         nursery = self.nursery
         assert nursery is not None
-        if isinstance(message, ChunkMessage | DetachedChunk):
+        if isinstance(message, ChunkMessage):
             self._on_chunk(message)
         elif isinstance(message, Credit):
             self._on_credit(message)
@@ -527,7 +526,7 @@ class _Connection:
 
         self.nursery.start_soon(self._guard, refuse)
 
-    def _on_chunk(self, message: ChunkMessage | DetachedChunk) -> None:
+    def _on_chunk(self, message: ChunkMessage) -> None:
         upload = self.requests.get(message.id, None)
         if not isinstance(upload, _Upload) or upload.ended:
             raise _Violation(f"chunk for request {message.id}, which is not an open upload")

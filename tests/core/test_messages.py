@@ -293,29 +293,3 @@ def test_stream_frames_refuse_what_a_peer_would_refuse() -> None:
         messages.encode_data_frame(1, memoryview(bytearray(64 * 1024 * 1024)))
     with pytest.raises(tg.WireFormatError, match="max_frame_bytes"):
         messages.encode_data_frame_head(1, 64 * 1024 * 1024)
-
-
-def test_detached_chunks_are_judged_as_chunks() -> None:
-    """S5-18, S5-7: a chunk whose payload the decoder detached (a bytearray) is a
-    `DetachedChunk` holding that very buffer; anything else carrying a detached payload is
-    judged exactly as if the payload were bytes, errors included."""
-    payload = bytearray(b"z" * 70_000)
-    detached = messages.decode_client_stream({"id": 3, "op": "chunk", "data": payload})
-    assert detached == messages.DetachedChunk(id=3, data=payload)
-    assert isinstance(detached, messages.DetachedChunk)
-    assert detached.data is payload
-    for bad in (
-        {"id": "3", "op": "chunk", "data": payload},
-        {"id": True, "op": "chunk", "data": payload},
-        {"op": "chunk", "data": payload},
-        {"id": 3, "op": "put", "data": payload},
-        {"id": 3, "op": "nope", "data": payload},
-    ):
-        plain = {**bad, "data": bytes(payload)}
-        with pytest.raises(tg.WireFormatError) as expected:
-            messages.decode_client(plain)
-        with pytest.raises(tg.WireFormatError) as got:
-            messages.decode_client_stream(bad)
-        assert str(got.value) == str(expected.value)
-    hello = {"op": "hello", "version": 1, "namespace": "a"}
-    assert messages.decode_client_stream(hello) == messages.decode_client(hello)

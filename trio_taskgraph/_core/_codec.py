@@ -47,9 +47,11 @@ take an inlined path (`unpackb`) that skips everything msgpack already guarantee
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import struct
-from typing import Final, final
+import sys
+from typing import TYPE_CHECKING, Final, final
 
 import attrs
 import msgpack
@@ -57,6 +59,9 @@ import msgpack
 from .._errors import WireFormatError
 from ._events import Blob
 from ._refs import CacheRef
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "CLOSED",
@@ -106,6 +111,46 @@ _FIXED_SCALAR_SIZE: Final = {
     0xCF: 9, 0xD3: 9, 0xCB: 9,  # uint64, int64, float64
 }  # fmt: skip
 _BIN_HEADER_SIZE: Final = {0xC4: 2, 0xC5: 3, 0xC6: 5}
+
+
+def _bytes_allocator() -> Callable[[int], tuple[bytes, memoryview]] | None:
+    """
+    ``new(size) -> (payload, view)``: a new ``bytes`` object of ``size`` bytes, left
+    uninitialised, and a writable view of its contents to receive into (S5-18). The object
+    is not shared until the decoder hands it over whole, so nothing can see it change; this
+    saves both msgpack's copy of a payload and the zeroing a ``bytearray`` would cost.
+    CPython only (it writes into the object's own storage, as CPython's ``bytes``
+    constructors do); None elsewhere, or if the layout is not what a self-check expects.
+    """
+    if sys.implementation.name != "cpython":  # pragma: no cover - CPython here
+        return None
+    try:
+        make = ctypes.pythonapi.PyBytes_FromStringAndSize
+        make.restype = ctypes.py_object
+        make.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+        offset = bytes.__basicsize__ - 1  # ob_sval: where a bytes object keeps its data
+    except (AttributeError, OSError):  # pragma: no cover - not a standard CPython
+        return None
+
+    def new(size: int) -> tuple[bytes, memoryview]:
+        # size >= 2: CPython shares its empty and one-byte bytes objects.
+        assert size >= 2
+        payload: bytes = make(None, size)
+        storage = (ctypes.c_char * size).from_address(id(payload) + offset)
+        return payload, memoryview(storage).cast("B")
+
+    try:
+        probe, view = new(16)
+        view[:] = b"S5-18 self-check"
+        view.release()
+    except (TypeError, ValueError):  # pragma: no cover - an unexpected layout
+        return None
+    if probe != b"S5-18 self-check" or type(probe) is not bytes:  # pragma: no cover
+        return None
+    return new
+
+
+_new_payload: Final = _bytes_allocator()
 
 
 def _bin_tail(body: memoryview, frame_length: int) -> tuple[int, int, int, bytes] | None:
@@ -617,6 +662,7 @@ class FrameDecoder:
         "_tail_filled",
         "_tail_head",
         "_tail_key",
+        "_tail_view",
     )
 
     def __init__(
@@ -629,8 +675,8 @@ class FrameDecoder:
         max_bin_len: int | None = None,
         detach_bin_bytes: int | None = None,
     ) -> None:
-        if detach_bin_bytes is not None and detach_bin_bytes < 1:
-            raise ValueError(f"detach_bin_bytes must be >= 1 or None, got {detach_bin_bytes}")
+        if detach_bin_bytes is not None and detach_bin_bytes < 2:
+            raise ValueError(f"detach_bin_bytes must be >= 2 or None, got {detach_bin_bytes}")
         self._detach_bytes = detach_bin_bytes
         self._limits = WireLimits(
             max_bytes=max_frame_bytes,
@@ -652,9 +698,11 @@ class FrameDecoder:
         self._eof = False
         self._error: WireFormatError | None = None
         # A frame being detached (S5-18): its binary payload is received into ``_tail``
-        # (``_tail_filled`` bytes so far); ``_tail_head`` is the body before the binary's
-        # header, ``_tail_key`` the binary's key. A completed one waits in ``_ready``.
-        self._tail: bytearray | None = None
+        # through ``_tail_view`` (``_tail_filled`` bytes so far); ``_tail_head`` is the body
+        # before the binary's header, ``_tail_key`` the binary's key. A completed frame
+        # waits in ``_ready``.
+        self._tail: bytes | None = None
+        self._tail_view = memoryview(b"")
         self._tail_filled = 0
         self._tail_head = b""
         self._tail_key = b""
@@ -684,6 +732,7 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._start = self._end = self._scanned = 0
         self._tail = None
+        self._tail_view.release()
         self._tail_filled = self._ready_bytes = 0
         self._ready = NEED_DATA
         return error
@@ -780,7 +829,7 @@ class FrameDecoder:
             # Invariant (S5-18): a detached payload is received into its own buffer, and
             # nothing past its frame's end is read meanwhile.
             room = min(size, len(tail) - self._tail_filled)
-            return memoryview(tail)[self._tail_filled : self._tail_filled + room]
+            return self._tail_view[self._tail_filled : self._tail_filled + room]
         if self._probe and self._end == self._start:
             size = min(size, _PROBE_BYTES)
         self._probe = False
@@ -819,7 +868,7 @@ class FrameDecoder:
         assert tail is not None
         filled = self._tail_filled
         taken = min(len(raw), len(tail) - filled)
-        tail[filled : filled + taken] = raw[:taken]
+        self._tail_view[filled : filled + taken] = raw[:taken]
         self._tail_filled = filled + taken
         if self._tail_filled == len(tail):
             self._finish_tail()
@@ -840,6 +889,7 @@ class FrameDecoder:
         self._ready = value
         self._ready_bytes = len(tail)
         self._tail = None
+        self._tail_view.release()
         self._tail_filled = 0
         self._probe = True
 
@@ -850,7 +900,8 @@ class FrameDecoder:
         """
         threshold = self._detach_bytes
         start = self._start
-        if threshold is None or self._end - start < FRAME_HEADER_SIZE:
+        new_payload = _new_payload
+        if threshold is None or new_payload is None or self._end - start < FRAME_HEADER_SIZE:
             return
         buffer = self._buffer
         (length,) = _HEADER.unpack_from(buffer, start)
@@ -867,10 +918,11 @@ class FrameDecoder:
                 # payload may reserve before its bytes arrive.
                 return
             self._tail_head = bytes(here[:head_end])
-            tail = bytearray(size)
+            tail, tail_view = new_payload(size)
             taken = len(here) - offset
-            tail[:taken] = here[offset:]
+            tail_view[:taken] = here[offset:]
         self._tail = tail
+        self._tail_view = tail_view
         self._tail_filled = taken
         self._tail_key = key
         # The frame was the last thing buffered: the buffer is empty now, and the next frame

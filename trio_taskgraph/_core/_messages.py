@@ -68,9 +68,7 @@ __all__ = [
     "ServerStats",
     "Stats",
     "Welcome",
-    "DetachedChunk",
     "decode_client",
-    "decode_client_stream",
     "decode_server",
     "encode_chunk_frame",
     "encode_data_frame",
@@ -136,19 +134,6 @@ class ChunkMessage:
 
     id: int
     data: bytes
-
-
-@final
-@attrs.frozen(kw_only=True)
-class DetachedChunk:
-    """
-    A `ChunkMessage` whose payload the server's decoder received into a buffer of its own
-    (``FrameDecoder(detach_bin_bytes=...)``, S5-18): the same message, its data a
-    ``bytearray`` nothing else holds, handed on without a copy. Never on the wire as such.
-    """
-
-    id: int
-    data: bytearray
 
 
 @final
@@ -650,26 +635,6 @@ def decode_client(value: object) -> ClientMessage:
             fields (S5-7).
     """
     return _decode(value, ClientMessage, "client", _FAST_CLIENT)  # type: ignore[return-value]
-
-
-def decode_client_stream(value: object) -> ClientMessage | DetachedChunk:
-    """
-    `decode_client` for a decoder that detaches binary payloads (S5-18): a chunk whose
-    payload came detached (a ``bytearray``) is a `DetachedChunk`, accepted by exactly the
-    rules `decode_client` applies to a chunk; any other message with a detached payload is
-    judged by `decode_client` as if the payload were ``bytes``.
-
-    Raises:
-        WireFormatError: as `decode_client`.
-    """
-    if type(value) is dict:
-        data = value.get("data")
-        if type(data) is bytearray:
-            request_id = value.get("id")
-            if value.get("op") == "chunk" and type(request_id) is int:
-                return DetachedChunk(id=request_id, data=data)
-            value = {**value, "data": bytes(data)}
-    return decode_client(value)
 
 
 def decode_server(value: object) -> ServerMessage:

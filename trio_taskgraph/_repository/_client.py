@@ -44,6 +44,7 @@ import attrs
 import trio
 
 from .._cache_server import (
+    DETACH_BIN_BYTES,
     CacheServerStatistics,
     receive_into,
     widen_send_buffer,
@@ -176,7 +177,9 @@ class _Connection:
         self.stream = stream
         self.socket_path = socket_path
         self.namespace = namespace
-        self.decoder = FrameDecoder()
+        # Invariant (S5-18): a download's payload is received straight into the bytes
+        # object the caller gets (one copy, no msgpack copy).
+        self.decoder = FrameDecoder(detach_bin_bytes=DETACH_BIN_BYTES)
         self.send_lock = trio.Lock()
         self.requests: dict[int, _Request] = {}
         self.next_id = 0
