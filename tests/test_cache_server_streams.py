@@ -19,7 +19,7 @@ import trio.testing
 
 import trio_taskgraph as tg
 from trio_taskgraph import _cache_server
-from trio_taskgraph._cache_server import CacheServer, _Download, send_file
+from trio_taskgraph._cache_server import CacheServer, _Download, send_file, send_file_frames
 from trio_taskgraph._core._messages import Abort, Data, Ok, ReadStream, ServerStats
 
 from .server_harness import RawClient, in_process_server
@@ -179,4 +179,33 @@ async def test_send_file_parked_for_room_is_cancelled_with_nothing_sent(tmp_path
         assert set(data) == {ord("f")}
         received += len(data)
     assert received == filler
+    await right.aclose()
+
+
+async def test_send_file_frames_sends_a_run_of_frames_whole(tmp_path: Path) -> None:
+    """S5-16, S5-17: a run of frames (heads written, payloads sendfile'd from the blob file,
+    in worker threads) larger than the socket buffer arrives exactly as the concatenation
+    of each head and its file range, in order."""
+    a, b = trio.socket.socketpair()
+    left, right = trio.SocketStream(a), trio.SocketStream(b)
+    payload = os.urandom(7 * MiB)
+    path = tmp_path / "blob"
+    path.write_bytes(payload)
+    frames = [(b"head-%d" % i, i * MiB, MiB if i < 6 else MiB - 5) for i in range(7)]
+    expected = b"".join(head + payload[o : o + n] for head, o, n in frames)
+    received = bytearray()
+
+    async def read_all() -> None:
+        while len(received) < len(expected):
+            received.extend(await right.receive_some(MiB))
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await send_file_frames(left, fd, frames)
+    finally:
+        os.close(fd)
+    assert received == expected
+    await left.aclose()
     await right.aclose()

@@ -93,6 +93,7 @@ __all__ = [
     "prepare_socket_path",
     "receive_into",
     "send_file",
+    "send_file_frames",
     "serve_cache_server",
     "tune_allocator",
     "widen_send_buffer",
@@ -754,40 +755,43 @@ class _Connection:
         cache to the socket (``os.sendfile`` in a worker thread: no copy through this
         process, nothing buffered here, and a cold disk read never blocks the event loop),
         under the client's credit. The bytes on the wire are exactly those `_stream_pieces`
-        sends (S5-16): each frame's head, then ``chunk_bytes`` of the file.
+        sends (S5-16): each frame's head, then ``chunk_bytes`` of the file. Every frame the
+        credit allows goes in one run (one thread hop when the socket takes it all).
         """
         chunk_bytes = self.server.chunk_bytes
         size = (await trio.to_thread.run_sync(os.fstat, fd)).st_size
         offset = 0
         while offset < size:
-            count = min(chunk_bytes, size - offset)
             # Invariant (S5-9): never send past the client's credit.
-            while download.credit < count:
+            while download.credit < min(chunk_bytes, size - offset):
                 await download.lot.park()
-            download.credit -= count
+            frames: list[tuple[bytes, int, int]] = []
+            while offset < size and download.credit >= min(chunk_bytes, size - offset):
+                count = min(chunk_bytes, size - offset)
+                download.credit -= count
+                frames.append((encode_data_frame_head(download.id, count), offset, count))
+                offset += count
             # An abort (or a teardown) that came while we did not wait takes effect here,
-            # before the frame starts; one arriving from now on waits for the frame (S5-17).
+            # before the run starts; one arriving from now on waits for the run (S5-17).
             await trio.lowlevel.checkpoint_if_cancelled()
             download.in_frame = True
             try:
-                await self._send_file_frame(
-                    encode_data_frame_head(download.id, count), fd, offset, count
-                )
+                await self._send_file_frames(fd, frames)
             finally:
                 download.in_frame = False
                 if download.aborted:
                     download.scope.cancel()
-            offset += count
 
-    async def _send_file_frame(self, head: bytes, fd: int, offset: int, count: int) -> None:
+    async def _send_file_frames(self, fd: int, frames: list[tuple[bytes, int, int]]) -> None:
         """
-        Send one frame: ``head``, then ``count`` bytes of file ``fd`` from ``offset``.
+        Send whole frames, each ``(head, offset, count)``: ``head``, then ``count`` bytes of
+        file ``fd`` from ``offset``.
 
-        Not shielded, unlike `_send_parts`: the payload goes out in worker-thread hops that
-        wait for a writable socket, and a peer that stops reading must not pin the server.
-        Only the connection itself is ever cancelled mid-frame (an abort waits for the frame,
-        S5-17), so a frame cut short, by cancellation or by an error, breaks the connection:
-        nothing else is sent on it and it is torn down (S5-10).
+        Not shielded, unlike `_send_parts`: the frames go out in worker-thread hops that wait
+        for a writable socket, and a peer that stops reading must not pin the server. Only
+        the connection itself is ever cancelled mid-run (an abort waits for the run, S5-17),
+        so a run cut short, by cancellation or by an error, breaks the connection: nothing
+        else is sent on it and it is torn down (S5-10).
         """
         stream = self.stream
         assert isinstance(stream, trio.SocketStream)
@@ -799,17 +803,13 @@ class _Connection:
         try:
             if self.broken:
                 raise trio.BrokenResourceError("a frame was cut short on this connection")
-            started = False
             try:
-                rest = write_now(stream, [head])
-                started = True
-                if rest:
-                    await write_rest(stream, rest)
-                await send_file(stream, fd, offset, count)
+                await send_file_frames(stream, fd, frames)
             except BaseException:
-                if started:
-                    self.broken = True
-                    self._tear_down()
+                # Conservatively broken, even if nothing went out: only a teardown (or a
+                # broken socket) gets here, and the connection goes either way.
+                self.broken = True
+                self._tear_down()
                 raise
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._tear_down()
@@ -1021,37 +1021,54 @@ async def receive_into(stream: trio.abc.Stream, decoder: FrameDecoder, size: int
     decoder.commit_received(count)
 
 
-def _sendfile_some(sock_fd: int, fd: int, offset: int, count: int) -> int:
+def _send_frames_some(
+    sock_fd: int, fd: int, frames: list[tuple[bytes, int, int]], done: int
+) -> int:
     """
-    In a worker thread: ``os.sendfile`` up to ``count`` bytes of ``fd`` from ``offset`` to
-    the non-blocking socket ``sock_fd``, until done or the socket is full. Returns the bytes
-    sent, or -1 if the file ended first.
+    In a worker thread: send the byte stream ``frames`` stands for (each frame its head,
+    then ``count`` bytes of ``fd`` from ``offset``), from position ``done`` on, to the
+    non-blocking socket ``sock_fd`` (``os.write`` for heads, ``os.sendfile`` for payloads)
+    until all is sent or the socket is full. Returns the new position, or -1 if the file
+    ended before a frame did.
     """
-    done = 0
-    while done < count:
-        try:
-            sent = os.sendfile(sock_fd, fd, offset + done, count - done)
-        except BlockingIOError:
-            break
-        if not sent:
-            return -1
-        done += sent
+    start = 0  # where the current segment starts in the stream
+    for head, offset, count in frames:
+        end = start + len(head)
+        while done < end:
+            try:
+                done += os.write(sock_fd, memoryview(head)[done - start :])
+            except BlockingIOError:
+                return done
+        start = end
+        end = start + count
+        while done < end:
+            try:
+                sent = os.sendfile(sock_fd, fd, offset + done - start, end - done)
+            except BlockingIOError:
+                return done
+            if not sent:
+                return -1
+            done += sent
+        start = end
     return done
 
 
-async def send_file(stream: trio.SocketStream, fd: int, offset: int, count: int) -> None:
+async def send_file_frames(
+    stream: trio.SocketStream, fd: int, frames: list[tuple[bytes, int, int]]
+) -> None:
     """
-    Send ``count`` bytes of file ``fd`` from ``offset`` to ``stream``'s socket.
+    Send ``frames`` (each ``(head, offset, count)``: ``head``, then ``count`` bytes of file
+    ``fd`` from ``offset``) to ``stream``'s socket, whole and in order.
 
-    Each step waits until the socket is writable, then runs ``os.sendfile`` in a worker
-    thread (`trio.to_thread.run_sync`): the kernel reads the file (from its page cache, or
-    from disk when cold: blocking file I/O never runs on the event loop, as DESIGN asks)
-    and copies it to the socket; no byte passes through this process. One thread hop per
-    chunk when the reader keeps up (the socket's buffer holds a whole chunk).
+    Each step waits until the socket is writable, then runs ``os.write``/``os.sendfile`` in
+    a worker thread (`trio.to_thread.run_sync`) until the socket is full: the kernel reads
+    the file (from its page cache, or from disk when cold: blocking file I/O never runs on
+    the event loop, as DESIGN asks) and copies it to the socket; no payload byte passes
+    through this process. One thread hop per run when the reader keeps up.
 
     Raises:
-        trio.BrokenResourceError: the socket broke, or the file ended before ``count``
-            bytes (the frame cannot be finished: the connection must be torn down).
+        trio.BrokenResourceError: the socket broke, or the file ended before a frame did
+            (the frame cannot be finished: the connection must be torn down).
         trio.ClosedResourceError: the socket is closed.
 
     Cancellation: a cancellation point while waiting for room (or before a hop), never
@@ -1059,7 +1076,9 @@ async def send_file(stream: trio.SocketStream, fd: int, offset: int, count: int)
     treat the connection as broken.
     """
     sock = stream.socket
-    while count:
+    total = sum(len(head) + count for head, _, count in frames)
+    done = 0
+    while done < total:
         if sock.fileno() < 0:
             raise trio.ClosedResourceError("the socket is closed")
         await trio.lowlevel.wait_writable(sock)
@@ -1067,13 +1086,25 @@ async def send_file(stream: trio.SocketStream, fd: int, offset: int, count: int)
         if sock_fd < 0:
             raise trio.ClosedResourceError("the socket is closed")
         try:
-            sent = await trio.to_thread.run_sync(_sendfile_some, sock_fd, fd, offset, count)
+            done = await trio.to_thread.run_sync(_send_frames_some, sock_fd, fd, frames, done)
         except OSError as exc:
             raise trio.BrokenResourceError(f"the socket broke: {exc}") from exc
-        if sent < 0:
+        if done < 0:
             raise trio.BrokenResourceError("the blob file ended before its frame did")
-        offset += sent
-        count -= sent
+
+
+async def send_file(stream: trio.SocketStream, fd: int, offset: int, count: int) -> None:
+    """
+    Send ``count`` bytes of file ``fd`` from ``offset`` to ``stream``'s socket (a run of one
+    headless frame, see `send_file_frames`).
+
+    Raises:
+        trio.BrokenResourceError: the socket broke, or the file ended first.
+        trio.ClosedResourceError: the socket is closed.
+
+    Cancellation: as `send_file_frames`.
+    """
+    await send_file_frames(stream, fd, [(b"", offset, count)])
 
 
 async def write_rest(stream: trio.abc.Stream, rest: list[bytes | bytearray | memoryview]) -> None:
