@@ -357,8 +357,11 @@ async def main_async(args: argparse.Namespace) -> int:
         "client and server already send with one non-blocking writev when the socket takes\n"
         "it (no wake-up) and the server batches replies per wake-up; what would close the rest\n"
         "is batching the client's requests per wake-up too (pipelining, as redis-py does by 8).\n"
-        "Streams: each MiB is copied four times between disk and caller (read, socket in, socket\n"
-        "out, msgpack's bin) against once in-process; a raw chunk frame type would save one."
+        "Streams: downloads leave the server with os.sendfile in worker threads (a kernel copy,\n"
+        "none in the server) and land in the caller's bytes in one copy (S5-18); uploads cost a\n"
+        "socket write in the client, a receive straight into the chunk's bytes in the server and\n"
+        "the page-cache write both paths pay. In-process: one copy each way. Passing the blob's\n"
+        "file descriptor over the Unix socket (SCM_RIGHTS) would remove the socket copies."
     )
     for row in rows:
         name, ratio, what, target = row[0], row[3], row[4], row[5]

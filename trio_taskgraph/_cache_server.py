@@ -104,7 +104,7 @@ __all__ = [
 Ts = TypeVarTuple("Ts")
 
 #: Credit each stream starts with, in bytes (S5-9).
-DEFAULT_WINDOW: Final = 4 * 1024 * 1024
+DEFAULT_WINDOW: Final = 8 * 1024 * 1024
 #: Largest chunk sent in one frame, either way.
 DEFAULT_CHUNK_BYTES: Final = 1024 * 1024
 #: Requests one connection may have open at once.
