@@ -249,7 +249,9 @@ class _UploadChunks:
     def __init__(self, conn: _Connection, upload: _Upload) -> None:
         self._conn = conn
         self._upload = upload
-        self._threshold = max(1, min(conn.server.chunk_bytes, conn.server.window // 4))
+        # Credit goes back a quarter window at a time (and always before waiting): fewer
+        # frames and wake-ups on both sides than one per chunk.
+        self._threshold = max(1, conn.server.window // 4)
 
     def __aiter__(self) -> _UploadChunks:
         return self

@@ -420,6 +420,7 @@ class _Download:
     def __init__(self, conn: _Connection, request: _Request) -> None:
         self._conn = conn
         self._request = request
+        self._ungranted = 0  # bytes the caller took that the server has no credit for yet
         self.closed = False
 
     def __aiter__(self) -> _Download:
@@ -439,9 +440,15 @@ class _Download:
         if request.chunks:
             chunk = request.chunks.popleft()
             conn._add_buffered(-len(chunk))
-            if not request.ended:
-                # Invariant (S5-9): credit goes back only for bytes the caller has taken.
-                await conn.send(Credit(id=request.id, n=len(chunk)))
+            self._ungranted += len(chunk)
+            if not request.ended and (
+                not request.chunks or self._ungranted >= max(1, conn.window // 4)
+            ):
+                # Invariant (S5-9): credit goes back only for bytes the caller has taken: a
+                # quarter window at a time, and always once nothing is left here (the
+                # server then waits for it), so the stream never stalls on us.
+                n, self._ungranted = self._ungranted, 0
+                await conn.send(Credit(id=request.id, n=n))
             else:
                 await trio.lowlevel.checkpoint()
             return chunk
