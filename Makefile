@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 test: $(STAMP) postgres-server
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict trio_taskgraph
+	$(BIN)/mypy --strict trio_taskgraph tests fuzz bench
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(BIN)/python -m pytest -q
 
 # PostgreSQL server binaries for the throwaway test server (issue 11). Installed with apt
@@ -42,6 +42,15 @@ demo: $(STAMP)
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,fuzz]' || echo "atheris unavailable: harnesses fall back to hypothesis"
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python fuzz/run_all.py
+
+# Line and branch coverage of the whole suite, child processes (cache server, workers) included.
+.PHONY: coverage
+coverage: $(STAMP) postgres-server
+	$(BIN)/python -m pip install --quiet -e '.[test,demo,postgres,cov]'
+	$(BIN)/python -m coverage erase
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(BIN)/python -m coverage run -m pytest -q
+	$(BIN)/python -m coverage combine --quiet
+	$(BIN)/python -m coverage report
 
 bench: $(STAMP)
 	$(BIN)/python -m trio_taskgraph bench

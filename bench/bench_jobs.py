@@ -20,7 +20,7 @@ import gc
 import statistics
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import trio
 
@@ -35,8 +35,8 @@ TARGET = 0.5
 
 class Tiny(tg.Task):
     type = "bench_jobs.Tiny"
-    input_schema: Mapping[str, object] = {"properties": {"x": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {"properties": {"x": {"type": "integer"}}}
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"x": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"x": {"type": "integer"}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         return {"x": inputs["x"]}

@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping  # noqa: TC003  # task annotations, one flat script
 from pathlib import Path
+from typing import ClassVar
 
 import trio
 
@@ -56,8 +57,8 @@ def _chunk(shared: list[bytes] | None) -> bytes:
 
 class BenchProduce(tg.Task):
     type = "bench_pipeline.Produce"
-    input_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"size": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
 
@@ -73,8 +74,8 @@ class BenchProduce(tg.Task):
 
 class BenchPassThrough(tg.Task):
     type = "bench_pipeline.PassThrough"
-    input_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"data": {"x-stream": "binary"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
     cacheable = True

@@ -110,7 +110,7 @@ def bare_visit(root: object) -> int:
         if tp is dict_:
             push_all(x.values())  # type: ignore[attr-defined]
         elif tp in sequences:
-            push_all(x)  # type: ignore[call-overload]
+            push_all(x)  # type: ignore[arg-type]
     return n
 
 

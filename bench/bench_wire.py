@@ -8,14 +8,24 @@ lists, scalar leaves, a few refs). Each round times a batch of calls of every va
 alternating order; the table shows medians and our speed as a fraction of the ceiling's
 (target >= 0.9: our limits and checks cost under 10%). Run:
 ``python bench/bench_wire.py [--quick]``.
+
+``--instructions`` counts CPU instructions instead of timing, under valgrind's callgrind
+(one child process per variant, the same hash seed, a no-op run subtracted): the counts are
+the same on every run whatever else the machine is doing, so the ratio is noise-free (it
+is not a time ratio: a cache miss counts as one instruction). It takes about 6 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 
@@ -131,10 +141,95 @@ def measure(rounds: int, batch: dict[str, int]) -> dict[tuple[str, str, str], fl
     return {k: statistics.median(v) for k, v in timings.items()}
 
 
+def run_variant(payload: str, op: str, who: str, calls: int) -> None:
+    """Child of ``--instructions``: ``calls`` calls of one variant (``calls`` 0: set-up only)."""
+    value = envelope() if payload == "envelope" else tree()
+    data = wire.packb(value)
+    if who == "ours":
+        if op == "pack":
+            for _ in range(calls):
+                wire.packb(value)
+        else:
+            for _ in range(calls):
+                wire.unpackb(data)
+    elif op == "pack":
+        for _ in range(calls):
+            msgpack.packb(value, default=base_default, use_bin_type=True)
+    else:
+        for _ in range(calls):
+            msgpack.unpackb(data, ext_hook=base_ext_hook, strict_map_key=False)
+
+
+def count_instructions(args: list[str]) -> int:
+    """Instructions callgrind counts for this script run with ``args``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={tmp}/cg.out",
+                sys.executable,
+                __file__,
+                "--child",
+                *args,
+            ],
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    match = re.search(r"refs:\s+([\d,]+)", out.stderr)
+    assert match, out.stderr
+    return int(match.group(1).replace(",", ""))
+
+
+def instructions() -> int:
+    if shutil.which("valgrind") is None:
+        print("--instructions needs valgrind (Debian package valgrind)")
+        return 2
+    calls = {"envelope": 20_000, "1,000-node tree": 400}
+    print(f"{'payload':<18} {'op':<7} {'ours/call':>10} {'ceiling/call':>13} {'ratio':>6}")
+    ok = True
+    results: list[str] = []
+    for name in ("envelope", "1,000-node tree"):
+        payload = "envelope" if name == "envelope" else "tree"
+        n = calls[name]
+        # The set-up (imports, building the payload) is the same for every variant.
+        base = count_instructions([payload, "unpack", "ours", "0"])
+        for op in ("pack", "unpack"):
+            per_call = {}
+            for who in ("ours", "ceiling"):
+                per_call[who] = (count_instructions([payload, op, who, str(n)]) - base) / n
+            ratio = per_call["ceiling"] / per_call["ours"]
+            ok = ok and ratio >= 0.9
+            print(
+                f"{name:<18} {op:<7} {per_call['ours']:>10.0f} {per_call['ceiling']:>13.0f} "
+                f"{ratio:>6.3f} {'ok' if ratio >= 0.9 else 'MISSED'}"
+            )
+            results.append(
+                f"RESULT name=wire/{payload}_{op}_instructions ratio={ratio:.3f} target=>=0.9 "
+                'peer="plain msgpack with minimal ext hooks (callgrind instructions)"'
+            )
+    for line in results:
+        print(line)
+    return 0 if ok else 1
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--child"]:
+        payload, op, who, calls = sys.argv[2:6]
+        run_variant(payload, op, who, int(calls))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--quick", action="store_true", help="a few rounds only")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions under valgrind instead of timing (noise-free)",
+    )
     args = parser.parse_args()
+    if args.instructions:
+        return instructions()
     rounds = 41 if args.quick else 301
     batch = {"envelope": 500, "1,000-node tree": 10}
     med = measure(rounds, batch)

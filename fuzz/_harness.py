@@ -30,12 +30,21 @@ import time
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 __all__ = ["CORPUS_ROOT", "Check", "Mutator", "load_corpus", "main", "mutate", "run_inputs"]
 
 CORPUS_ROOT = Path(__file__).resolve().parent / "corpus"
 
 Check = Callable[[bytes], None]
+
+
+class Run(Protocol):
+    """A harness's ``run(seconds, *, seed=0) -> inputs run``."""
+
+    def __call__(self, seconds: float, *, seed: int = 0) -> int: ...
+
+
 #: ``(rng, corpus) -> input``: make one input, usually by mutating a corpus entry.
 Mutator = Callable[[random.Random, Sequence[bytes]], bytes]
 
@@ -176,7 +185,7 @@ def main(
     name: str,
     description: str,
     check: Check,
-    run: Callable[..., int],
+    run: Run,
     cleanup: Callable[[], None] = lambda: None,
     argv: Sequence[str] | None = None,
 ) -> int:

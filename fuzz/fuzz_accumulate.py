@@ -177,7 +177,7 @@ class _Model:
 def _normalised(spec: tg.PortSpec, value: object) -> object:
     if isinstance(value, tg.CacheRef):
         return value
-    data = value.data if isinstance(value, tg.Blob) else bytes(value)  # type: ignore[arg-type]
+    data = value.data if isinstance(value, tg.Blob) else bytes(value)  # type: ignore[call-overload]
     if spec.binary_format == "binary":
         return data
     return value if isinstance(value, tg.Blob) else tg.Blob(data, spec.mime)

@@ -130,6 +130,7 @@ def TestOneInput(data: bytes) -> None:
         dst_port = f"i{r.byte() % 4}"
         before = model.edges
         should = _should_connect(model, schemas, src, src_port, dst, dst_port)
+        refused: str | None
         try:
             edge = model.connect(src, src_port, dst, dst_port)
         except tg.PortSchemaError as exc:

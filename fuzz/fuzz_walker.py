@@ -148,7 +148,7 @@ def reachable_refs(value: object) -> set[tg.CacheRef]:
             found.add(x)
         elif _walked(x) and id(x) not in seen:
             seen.add(id(x))
-            todo.extend(x.values() if isinstance(x, dict) else x)  # type: ignore[attr-defined]
+            todo.extend(x.values() if isinstance(x, dict) else x)  # type: ignore[arg-type]
     return found
 
 
@@ -195,8 +195,8 @@ def check_rebuilt(original: object, result: object, table: dict[tg.CacheRef, obj
                 raise Finding("dict keys or order changed")
             if (
                 isinstance(o, collections.defaultdict)
-                and r.default_factory is not o.default_factory
-            ):  # type: ignore[attr-defined]
+                and r.default_factory is not o.default_factory  # type: ignore[attr-defined]
+            ):
                 raise Finding("default_factory lost")
             todo.extend((o[k], r[k]) for k in o)
         elif isinstance(o, set | frozenset):

@@ -5,7 +5,7 @@ Graph tasks shared by the runner's cancellation suites (`test_runner_cancellatio
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import trio_taskgraph as tg
 
@@ -15,11 +15,11 @@ if TYPE_CHECKING:
 
 class Relay(tg.Task):
     type = "tests.graph_tasks.Relay"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary"}, "tag": {}},
         "required": ["data"],
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
     cacheable = True
@@ -37,11 +37,11 @@ class Join(tg.Task):
     """Streams ``a`` then ``b``: a fan-in of two streamed inputs."""
 
     type = "tests.graph_tasks.Join"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"a": {"x-stream": "binary"}, "b": {"x-stream": "binary"}},
         "required": ["a", "b"],
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
     cacheable = True

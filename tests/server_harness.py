@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import attrs
 import trio
 
+from trio_taskgraph import FsOutputRepository
 from trio_taskgraph._cache_server import CacheServer, serve_cache_server
 from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder
 from trio_taskgraph._core._messages import (
@@ -109,9 +111,20 @@ def server_process(*extra: str) -> Iterator[ServerProcess]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class ServerOptions(TypedDict, total=False):
+    """The keyword options of `serve_cache_server` a test may set."""
+
+    window: int
+    chunk_bytes: int
+    max_in_flight: int
+    max_frame_bytes: int
+    row_cache_bytes: int
+    repository: FsOutputRepository | None
+
+
 @asynccontextmanager
 async def in_process_server(
-    root: str | os.PathLike[str], **options: object
+    root: str | os.PathLike[str], **options: Unpack[ServerOptions]
 ) -> AsyncIterator[tuple[CacheServer, str]]:
     """Serve ``root`` in this trio run; yields the server and its socket path."""
     folder = short_tempdir()
@@ -119,7 +132,7 @@ async def in_process_server(
     try:
         async with trio.open_nursery() as nursery:
             server: CacheServer = await nursery.start(
-                partial(serve_cache_server, root, sock, **options)  # type: ignore[arg-type]
+                partial(serve_cache_server, root, sock, **options)
             )
             try:
                 yield server, sock

@@ -4,6 +4,8 @@ Hypothesis strategies shared by the test suites (and the fuzz harnesses' fallbac
 
 from __future__ import annotations
 
+from typing import Literal
+
 from hypothesis import strategies as st
 
 __all__ = ["binary_chunks", "port_names"]
@@ -16,7 +18,7 @@ binary_chunks = st.lists(
     st.one_of(
         st.binary(max_size=64),
         st.binary(max_size=64).map(bytearray),
-        st.binary(max_size=64).map(memoryview),
+        st.binary(max_size=64).map(lambda data: memoryview(data)),
     ),
     max_size=20,
 )
@@ -37,12 +39,14 @@ class Pair(_NamedTuple):
     right: object
 
 
+_SURROGATES: tuple[Literal["Cs"]] = ("Cs",)
+
 #: Valid `CacheRef`s: short ref names (so that equal refs occur), optional size and mime.
 cache_refs = st.builds(
     _CacheRef,
     # No NUL (S3-2) and no lone surrogates (not UTF-8: the wire refuses them, S5-1).
     st.text(
-        st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+        st.characters(exclude_characters="\x00", exclude_categories=_SURROGATES),
         min_size=1,
         max_size=3,
     ),
@@ -62,13 +66,12 @@ hashable_leaves = st.one_of(
 )
 
 #: Dicts that only look like refs: JSON-Schema pointers and forged envelopes (S3-1).
-fake_refs = st.sampled_from(
-    [
-        {"$ref": "#/$defs/Foo"},
-        {"$ref": "cache://OTHER_RUN/secret"},
-        {"kind": "task-graph/CacheRef", "$ref": "cache://OTHER_RUN/secret", "size": 3},
-    ]
-).map(dict)
+_FAKE_REFS: list[dict[str, object]] = [
+    {"$ref": "#/$defs/Foo"},
+    {"$ref": "cache://OTHER_RUN/secret"},
+    {"kind": "task-graph/CacheRef", "$ref": "cache://OTHER_RUN/secret", "size": 3},
+]
+fake_refs = st.sampled_from(_FAKE_REFS).map(dict)
 
 
 def _ref_containers(children: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
@@ -100,9 +103,14 @@ def _mutable_containers(value: object) -> list[object]:
             if id(x) in seen:
                 continue
             seen[id(x)] = x
-            stack.extend(x.values() if isinstance(x, dict) else x)  # type: ignore[arg-type]
+            if isinstance(x, dict):
+                stack.extend(x.values())
+            else:
+                assert isinstance(x, list)
+                stack.extend(x)
         elif type(x) in (tuple, Pair):
-            stack.extend(x)  # type: ignore[arg-type]
+            assert isinstance(x, tuple)
+            stack.extend(x)
     return list(seen.values())
 
 

@@ -17,9 +17,10 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, settings, strategies as st
 
 import trio_taskgraph as tg
+from tests.typed_hypothesis import given
 from trio_taskgraph import ByteReceiveChannel, ByteSendChannel, open_byte_channel
 from trio_taskgraph._core._events import BytesLike
 
@@ -55,7 +56,7 @@ async def _send_task(send: ByteSendChannel[bytes], item: bytes, outcome: _Outcom
     outcome.done = True
 
 
-async def _receive_task(receive: ByteReceiveChannel[bytes], outcome: _Outcome) -> None:
+async def _receive_task(receive: ByteReceiveChannel[BytesLike], outcome: _Outcome) -> None:
     with outcome.scope:
         try:
             outcome.value = await receive.receive()
@@ -67,15 +68,15 @@ async def _receive_task(receive: ByteReceiveChannel[bytes], outcome: _Outcome) -
     outcome.done = True
 
 
-async def park_receiver(nursery: trio.Nursery, receive: ByteReceiveChannel[bytes]) -> _Outcome:
+async def park_receiver(nursery: trio.Nursery, receive: ByteReceiveChannel[BytesLike]) -> _Outcome:
     outcome = _Outcome()
     nursery.start_soon(_receive_task, receive, outcome)
     await trio.testing.wait_all_tasks_blocked()
     return outcome
 
 
-def drain(receive: ByteReceiveChannel[bytes]) -> list[bytes]:
-    items: list[bytes] = []
+def drain(receive: ByteReceiveChannel[BytesLike]) -> list[BytesLike]:
+    items: list[BytesLike] = []
     while True:
         try:
             items.append(receive.receive_nowait())
@@ -663,7 +664,13 @@ _ACTIONS = st.one_of(
 )
 
 
-@settings(max_examples=max(settings.default.max_examples, 150))
+def _profile_max_examples() -> int:
+    profile = settings.default
+    assert profile is not None  # conftest.py loads one
+    return profile.max_examples
+
+
+@settings(max_examples=max(_profile_max_examples(), 150))
 @given(mark=st.integers(1, 8), actions=st.lists(_ACTIONS, max_size=50))
 def test_random_schedules_of_real_tasks(mark: int, actions: list[tuple[object, ...]]) -> None:
     """S2-3, S2-4, S2-6, S2-7, S2-9, S2-10, S2-12 with real trio tasks.
@@ -677,8 +684,17 @@ def test_random_schedules_of_real_tasks(mark: int, actions: list[tuple[object, .
     trio.run(_random_schedule, mark, actions)
 
 
+def _int(value: object) -> int:
+    """An action's integer argument (the strategy draws ints there)."""
+    assert isinstance(value, int)
+    return value
+
+
 async def _random_schedule(mark: int, actions: list[tuple[object, ...]]) -> None:
-    send0, recv0 = open_byte_channel(mark, size_of=lambda item: item[1])
+    def size_of(item: tuple[int, int]) -> int:
+        return item[1]
+
+    send0, recv0 = open_byte_channel(mark, size_of=size_of)
     sends: list[ByteSendChannel[tuple[int, int]]] = [send0]
     recvs: list[ByteReceiveChannel[tuple[int, int]]] = [recv0]
     senders: list[tuple[tuple[int, int], _Outcome]] = []
@@ -715,7 +731,7 @@ async def _random_schedule(mark: int, actions: list[tuple[object, ...]]) -> None
         for action in actions:
             kind = action[0]
             if kind == "send":
-                size, index = int(action[1]), int(action[2])  # type: ignore[call-overload]
+                size, index = _int(action[1]), _int(action[2])
                 uid += 1
                 item = (uid, size)
                 largest = max(largest, size)
@@ -725,14 +741,14 @@ async def _random_schedule(mark: int, actions: list[tuple[object, ...]]) -> None
             elif kind == "recv":
                 outcome = _Outcome()
                 receivers.append(outcome)
-                index = int(action[1])  # type: ignore[call-overload]
+                index = _int(action[1])
                 nursery.start_soon(do_receive, recvs[index % len(recvs)], outcome)
             elif kind == "cancel":
                 active = [o for _, o in senders if not o.done] + [
                     o for o in receivers if not o.done
                 ]
                 if active:
-                    active[int(action[1]) % len(active)].scope.cancel()  # type: ignore[call-overload]
+                    active[_int(action[1]) % len(active)].scope.cancel()
             elif kind == "clone_send":
                 open_sends = [s for s in sends if id(s) not in closed]
                 if open_sends:
@@ -742,13 +758,13 @@ async def _random_schedule(mark: int, actions: list[tuple[object, ...]]) -> None
                 if open_recvs:
                     recvs.append(open_recvs[0].clone())
             elif kind == "close_send":
-                handle = sends[int(action[1]) % len(sends)]  # type: ignore[call-overload]
-                handle.close()
-                closed.add(id(handle))
+                send_handle = sends[_int(action[1]) % len(sends)]
+                send_handle.close()
+                closed.add(id(send_handle))
             else:
-                handle = recvs[int(action[1]) % len(recvs)]  # type: ignore[call-overload]
-                handle.close()
-                closed.add(id(handle))
+                recv_handle = recvs[_int(action[1]) % len(recvs)]
+                recv_handle.close()
+                closed.add(id(recv_handle))
             await trio.testing.wait_all_tasks_blocked()
             stats = send0.statistics()
             # Every unfinished task is parked, and the core counts exactly those (S2-12).

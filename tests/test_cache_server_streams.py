@@ -18,7 +18,6 @@ import trio
 import trio.testing
 
 import trio_taskgraph as tg
-from trio_taskgraph import _cache_server
 from trio_taskgraph._cache_server import CacheServer, _Download, send_file, send_file_frames
 from trio_taskgraph._core._messages import Abort, Data, Ok, ReadStream, ServerStats
 
@@ -86,7 +85,7 @@ async def test_downloads_sendfile_in_worker_threads(
         threads.append(threading.current_thread() is threading.main_thread())
         return real(out_fd, in_fd, offset, count)
 
-    monkeypatch.setattr(_cache_server.os, "sendfile", spy)
+    monkeypatch.setattr(os, "sendfile", spy)  # the module the server calls it through
     async with (
         in_process_server(tmp_path / "root", window=MiB, chunk_bytes=256 * 1024) as (_, sock),
         tg.connect_cache_server(sock) as repo,

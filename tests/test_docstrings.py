@@ -28,7 +28,7 @@ def _public_objects() -> list[tuple[str, object]]:
 
 
 def _own_members(cls: type) -> list[tuple[str, object]]:
-    members = []
+    members: list[tuple[str, object]] = []
     for name, value in vars(cls).items():
         if name.startswith("_"):
             continue
@@ -78,7 +78,9 @@ def test_public_async_callables_say_what_cancellation_leaves(name: str, obj: obj
 def test_pydoc_renders_the_package() -> None:
     import pydoc
 
-    text = pydoc.render_doc(tg, renderer=pydoc.plaintext)
+    plaintext = vars(pydoc)["plaintext"]  # missing from typeshed's pydoc stub
+    assert isinstance(plaintext, pydoc.TextDoc)
+    text = pydoc.render_doc(tg, renderer=plaintext)
     assert "structured-concurrency task graphs on Trio" in text
     for name in ("run_graph", "open_byte_channel", "CacheRef", "open_cache_server"):
         assert name in text

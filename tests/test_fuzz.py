@@ -79,22 +79,22 @@ def test_a_finding_carries_its_input() -> None:
     assert any("input (hex)" in note for note in info.value.__notes__)
 
 
-def test_fuzz_budget_reports_a_finding() -> None:
+def test_fuzz_budget_reports_a_finding(monkeypatch: pytest.MonkeyPatch) -> None:
     """The budget harness raises on a broken invariant (a lost wake-up), naming S2-5."""
-    harness = _load("fuzz_budget")
+    from trio_taskgraph._core._budget import ByteBudget
 
-    class Broken(harness.ByteBudget):  # type: ignore[misc,name-defined]
-        def cancel_sender(self, token: object) -> tuple[object, ...]:
+    harness = _load("fuzz_budget")
+    assert vars(harness)["ByteBudget"] is ByteBudget
+
+    # Deliberately subclasses the final ByteBudget: a broken core for the harness to catch.
+    class Broken(ByteBudget[int, int]):  # type: ignore[misc]
+        def cancel_sender(self, token: int) -> tuple[int, ...]:
             del self._senders[token]
             return ()  # forgets to admit the senders behind: a lost wake-up
 
-    original = harness.ByteBudget
-    harness.ByteBudget = Broken
-    try:
-        with pytest.raises(AssertionError, match="S2-5"):
-            harness.TestOneInput(bytes.fromhex("090005001900010400020002000200"))
-    finally:
-        harness.ByteBudget = original
+    monkeypatch.setattr(harness, "ByteBudget", Broken)
+    with pytest.raises(AssertionError, match="S2-5"):
+        harness.TestOneInput(bytes.fromhex("090005001900010400020002000200"))
 
 
 def test_fuzz_keys_reports_a_finding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,7 +112,8 @@ def test_fuzz_jobs_reports_a_finding(monkeypatch: pytest.MonkeyPatch) -> None:
 
     harness = _load("fuzz_jobs")
 
-    class IgnoresRunAfter(JobSchedule):
+    # Deliberately subclasses the final JobSchedule: a broken schedule for the harness to catch.
+    class IgnoresRunAfter(JobSchedule):  # type: ignore[misc]
         def pop_due(self, now: float) -> str | None:
             return super().pop_due(float("inf"))
 

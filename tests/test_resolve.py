@@ -11,10 +11,10 @@ import pickle
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
 
 import trio_taskgraph as tg
 from tests.strategies import ref_graphs, ref_trees
+from tests.typed_hypothesis import given
 from tests.walker_oracle import check_rebuilt, naive_substitute
 
 A = tg.CacheRef("a", 3, "image/png")
@@ -314,7 +314,9 @@ async def test_cancel_while_resolvers_are_parked() -> None:
     assert len(cancelled) == 4  # the four in flight; the other two never started
     assert pickle.dumps(value) == before
     # Only this test's own task is left.
-    assert len(trio.lowlevel.current_root_task().child_nurseries[0].child_tasks) == 1
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    assert len(root.child_nurseries[0].child_tasks) == 1
 
 
 async def test_ten_thousand_levels_deep() -> None:
@@ -324,7 +326,8 @@ async def test_ten_thousand_levels_deep() -> None:
         value = {"k": (value,)}
     out = await tg.resolve_output(value, CountingResolver())
     for _ in range(10_000):
-        out = out["k"][0]  # type: ignore[index]
+        assert isinstance(out, dict)
+        out = out["k"][0]
     assert out == [("resolved", "a", 3)]
 
 
@@ -424,7 +427,7 @@ async def test_ports_restrict_resolution_to_top_level_ports() -> None:
     output = {"image": A, "meta": {"thumb": planted, "also": A}, "other": [B]}
     out = await tg.resolve_job_output(output, repo, ports=["image"])
     assert out == {"image": tg.Blob(b"AAA", "image/png"), "meta": output["meta"], "other": [B]}
-    assert out["meta"] is output["meta"]  # type: ignore[index]
+    assert out["meta"] is output["meta"]
     assert repo.asked == [A]
     assert output["image"] is A  # the input is untouched
 

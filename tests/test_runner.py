@@ -4,15 +4,16 @@ The runner: run_graph / run_task (S6-40 ... S6-50), with the seed's cases.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import trio
 import trio.testing
 
 import trio_taskgraph as tg
-from trio_taskgraph import wire
+from trio_taskgraph import BytesLike, wire
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -22,11 +23,11 @@ class Produce(tg.Task):
     """Streams ``size`` bytes in ``chunk``-sized pieces at its binary port ``data``."""
 
     type = "test_runner.Produce"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"size": {"type": "integer"}, "chunk": {"type": "integer"}},
         "required": ["size"],
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {
             "data": {"x-stream": "binary", "format": "binary"},
             "log": {"type": "string", "x-stream": "append"},
@@ -67,10 +68,10 @@ class Image(tg.Task):
     """A blob-format binary port, streamed; Finish may override it."""
 
     type = "test_runner.Image"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"parts": {"type": "array"}, "explicit": {}}
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"image": {"x-stream": "binary", "contentMediaType": "image/png"}}
     }
     cacheable = True
@@ -90,11 +91,11 @@ class PassThrough(tg.Task):
     """binary -> binary pass-through: reads chunks as they are produced."""
 
     type = "test_runner.PassThrough"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary"}},
         "required": ["data"],
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
     cacheable = True
@@ -112,8 +113,13 @@ class Measure(tg.Task):
     """A materialising consumer: gets the whole value."""
 
     type = "test_runner.Measure"
-    input_schema: Mapping[str, object] = {"properties": {"data": {}}, "required": ["data"]}
-    output_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}, "head": {}}}
+    input_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"data": {}},
+        "required": ["data"],
+    }
+    output_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"size": {"type": "integer"}, "head": {}}
+    }
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         data = inputs["data"]
@@ -126,11 +132,13 @@ class Count(tg.Task):
     """A streaming consumer that counts bytes."""
 
     type = "test_runner.Count"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary"}},
         "required": ["data"],
     }
-    output_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}, "md": {}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"size": {"type": "integer"}, "md": {}}
+    }
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         stream = inputs["data"]
@@ -143,10 +151,43 @@ class Count(tg.Task):
         return {"size": size, "md": bytes(joined)}
 
 
+class SlowStats(tg.Task):
+    """A streaming consumer that lets its edge fill before every receive, noting its stats."""
+
+    type = "test_runner.SlowStats"
+    input_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"data": {"x-stream": "binary"}},
+        "required": ["data"],
+    }
+    output_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"size": {}, "max": {}, "last": {}}
+    }
+
+    async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
+        stream = inputs["data"]
+        assert isinstance(stream, tg.BinaryInputStream)
+        size = most = 0
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            stats = stream.statistics()
+            most = max(most, stats.buffered_bytes)
+            try:
+                chunk = await stream.receive()
+            except trio.EndOfChannel:
+                break
+            size += len(chunk)
+        last = stream.statistics()
+        return {
+            "size": size,
+            "max": most,
+            "last": [last.buffered_bytes, last.peak_buffered_bytes, last.high_water_bytes],
+        }
+
+
 class Boom(tg.Task):
     type = "test_runner.Boom"
-    input_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
-    output_schema: Mapping[str, object] = {"properties": {"x": {}}}
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"data": {"x-stream": "binary"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"x": {}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         raise ValueError("boom")
@@ -156,8 +197,8 @@ class Returns(tg.Task):
     """An ``execute`` task returning a binary value."""
 
     type = "test_runner.Returns"
-    input_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"size": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}, "note": {}}
     }
     cacheable = True
@@ -294,16 +335,41 @@ async def test_fan_out_streams_the_same_bytes_to_every_consumer() -> None:
         assert outs[c] == {"size": 100_000, "md": expected(100_000, 3000)}
 
 
+async def test_binary_input_stream_reports_its_own_edge() -> None:
+    """
+    S6-55, S2-2: each fan-out consumer's `BinaryInputStream.statistics()` shows its own edge
+    filling to the budget, never past budget + one chunk, and empty at the end.
+    """
+    graph = tg.TaskGraph()
+    p = graph.add(Produce(), inputs={"size": 100_000, "chunk": 3000})
+    consumers = [graph.add(SlowStats()) for _ in range(2)]
+    for c in consumers:
+        graph.connect(p, "data", c, "data")
+    outs = await tg.run_graph(graph, config=tg.RunConfig(binary_high_water_bytes=8000))
+    for c in consumers:
+        out = outs[c]
+        assert out["size"] == 100_000
+        last, most = out["last"], out["max"]
+        assert isinstance(last, list)
+        assert isinstance(most, int)
+        buffered, peak, high_water = last
+        assert (buffered, high_water) == (0, 8000)
+        # The consumer waited for the producer to park before each receive: the edge was full.
+        assert 8000 <= most <= peak <= 8000 + 3000
+
+
 async def test_chain_streams_under_budget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """S6-41, S6-42: produce -> pass-through -> cache sink with a 256 KiB budget: no channel
     holds more than the budget plus one chunk (the 1 GiB / 4 MiB case is bench_pipeline);
     both tasks have one sink port, which the sink pulls without a channel."""
     import trio_taskgraph._stream_processor as sp
 
-    channels: list[tg.ByteSendChannel[object]] = []
-    real = sp.open_byte_channel
+    channels: list[tg.ByteSendChannel[BytesLike]] = []
+    real = tg.open_byte_channel  # the function _stream_processor imported
 
-    def recording(high_water_bytes: int) -> object:
+    def recording(
+        high_water_bytes: int,
+    ) -> tuple[tg.ByteSendChannel[BytesLike], tg.ByteReceiveChannel[BytesLike]]:
         send, receive = real(high_water_bytes)
         channels.append(send)
         return send, receive
@@ -473,7 +539,9 @@ async def test_stream_protocol_error_fails_the_task() -> None:
 
     class Bad(tg.Task):
         type = "test_runner.Bad"
-        output_schema: Mapping[str, object] = {"properties": {"t": {"x-stream": "append"}}}
+        output_schema: ClassVar[Mapping[str, object]] = {
+            "properties": {"t": {"x-stream": "append"}}
+        }
 
         async def execute_stream(
             self, inputs: Mapping[str, object], ctx: tg.TaskContext
@@ -483,6 +551,25 @@ async def test_stream_protocol_error_fails_the_task() -> None:
     with pytest.raises(tg.TaskFailedError) as info:
         await tg.run_task(Bad(), {})
     assert isinstance(info.value.__cause__, tg.StreamProtocolError)
+
+
+async def test_execute_returning_a_non_mapping_fails_the_task() -> None:
+    """S6-9, S6-48: ``execute`` must return a mapping; anything else names what it got."""
+
+    class ReturnsList(tg.Task):
+        type = "test_runner.ReturnsList"
+        output_schema: ClassVar[Mapping[str, object]] = {"properties": {"v": {}}}
+
+        async def execute(
+            self, inputs: Mapping[str, object], ctx: tg.TaskContext
+        ) -> dict[str, object]:
+            return [("v", 1)]  # type: ignore[return-value]
+
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(ReturnsList(), {})
+    assert info.value.task_type == ReturnsList.type
+    assert isinstance(info.value.__cause__, tg.StreamProtocolError)
+    assert "mapping, not list" in str(info.value.__cause__)
 
 
 class FailingSaveRepo:
@@ -527,8 +614,8 @@ class Unkeyed(tg.Task):
     """A non-cacheable producer (its bytes can't be named by a key)."""
 
     type = "test_runner.Unkeyed"
-    input_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"size": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
 
@@ -545,8 +632,8 @@ class Transform(tg.Task):
     """A non-cacheable streaming transform (upper-cases ASCII bytes as they pass)."""
 
     type = "test_runner.Transform"
-    input_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"data": {"x-stream": "binary"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
 
@@ -569,10 +656,12 @@ async def test_three_tasks_produce_transform_cache_sink_with_a_4_mib_budget(
     run-unique key (its input stream can't be named), so it never hits but keeps its blob."""
     import trio_taskgraph._stream_processor as sp
 
-    channels: list[tg.ByteSendChannel[object]] = []
-    real = sp.open_byte_channel
+    channels: list[tg.ByteSendChannel[BytesLike]] = []
+    real = tg.open_byte_channel  # the function _stream_processor imported
 
-    def recording(high_water_bytes: int) -> object:
+    def recording(
+        high_water_bytes: int,
+    ) -> tuple[tg.ByteSendChannel[BytesLike], tg.ByteReceiveChannel[BytesLike]]:
         send, receive = real(high_water_bytes)
         channels.append(send)
         return send, receive
@@ -597,6 +686,7 @@ async def test_three_tasks_produce_transform_cache_sink_with_a_4_mib_budget(
             ref = outs[t]["data"]
             assert isinstance(ref, tg.CacheRef)
             assert ref.size == size
+        assert isinstance(ref, tg.CacheRef)  # (narrowed inside the loop only)
         async with repo.open_output_stream_by_ref(ref) as chunks:
             async for chunk in chunks:
                 assert chunk == b"U" * len(chunk)
@@ -658,10 +748,10 @@ class Pair(tg.Task):
     """Takes a stream and a materialised value."""
 
     type = "test_runner.Pair"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary"}, "size": {"type": "integer"}}
     }
-    output_schema: Mapping[str, object] = {"properties": {"ok": {}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"ok": {}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         return {"ok": True}  # pragma: no cover - never started
@@ -753,9 +843,15 @@ class SizelessRefs:
         return getattr(self.inner, name)
 
     async def save_output_stream(
-        self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
+        self,
+        task_type: str,
+        inputs: object,
+        port: str,
+        chunks: AsyncIterable[BytesLike],
+        *,
+        mime: str | None = None,
     ) -> tg.CacheRef:
-        ref = await self.inner.save_output_stream(task_type, inputs, port, chunks, mime=mime)  # type: ignore[arg-type]
+        ref = await self.inner.save_output_stream(task_type, inputs, port, chunks, mime=mime)
         return tg.make_cache_ref(ref.ref, mime=ref.mime)
 
 
@@ -820,7 +916,9 @@ async def test_a_value_at_a_streamed_input_arrives_as_a_stream() -> None:
     assert again == out
     assert tg.TaskStatus(state="cached") in [e.event for e in events]
     blob = await tg.run_task(PassThrough(), {"data": tg.Blob(data)}, config=config)
-    assert await repo.get_output_by_ref(blob["data"]) == data
+    blob_ref = blob["data"]
+    assert isinstance(blob_ref, tg.CacheRef)
+    assert await repo.get_output_by_ref(blob_ref) == data
     counted = await tg.run_task(Count(), {"data": ref}, config=config)
     assert counted == {"size": len(data), "md": data}
 
@@ -852,8 +950,8 @@ class HandsARef(tg.Task):
     """Returns a ref it was given at its binary port (an explicit CacheRef value)."""
 
     type = "test_runner.HandsARef"
-    input_schema: Mapping[str, object] = {"properties": {"ref": {"type": "string"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"ref": {"type": "string"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
     refs: dict[str, tg.CacheRef] = {}  # noqa: RUF012 - a test's shared table
@@ -912,3 +1010,139 @@ async def test_hit_with_inline_values_and_no_streaming_reads_replays_to_consumer
     assert second[c] == first[c] == {"size": 4500, "md": expected(4500, 1000)}
     sizes = [e.event.size for e in events if isinstance(e.event, tg.BinaryDelta)]
     assert sizes == [1000, 1000, 1000, 1000, 500]
+
+
+async def test_hit_replays_an_inline_blob_to_consumers() -> None:
+    """S6-24, S6-45: a cached row holding an inline `Blob` (a blob-format port on a cache
+    that can't stream) replays the Blob's bytes, not the Blob, to streaming consumers."""
+    repo = NoStreamingReads()
+    config = tg.RunConfig(cache=repo, binary_high_water_bytes=1000)
+    parts = [b"\x89PNG", b"z" * 2500]
+
+    def build() -> tuple[tg.TaskGraph, str]:
+        graph = tg.TaskGraph()
+        i = graph.add(Image(), inputs={"parts": parts})
+        c = graph.add(Count())
+        graph.connect(i, "image", c, "data")
+        return graph, c
+
+    graph, c = build()
+    first = await tg.run_graph(graph, config=config)
+    row = await repo.inner.get_output(Image.type, {"parts": parts})
+    assert row == {"image": tg.Blob(b"".join(parts), "image/png")}
+    events: list[tg.RunEvent] = []
+    graph, c = build()
+    second = await tg.run_graph(graph, config=config, on_event=events.append)
+    assert tg.TaskStatus(state="cached") in [e.event for e in events]
+    assert second[c] == first[c] == {"size": 2504, "md": b"".join(parts)}
+    sizes = [e.event.size for e in events if isinstance(e.event, tg.BinaryDelta)]
+    assert sizes == [1000, 1000, 504]
+
+
+class StreamsWritesOnly:
+    """Streaming saves, but reads only whole blobs (no streaming reads)."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+        self.whole_reads = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def supports_streaming_reads(self) -> bool:
+        return False
+
+    async def get_output_by_ref(self, ref: tg.CacheRef) -> bytes:
+        self.whole_reads += 1
+        return await self.inner.get_output_by_ref(ref)
+
+
+async def test_hit_replays_a_ref_read_whole_when_the_cache_cannot_stream_reads() -> None:
+    """S6-24: a hit whose row holds a ref, on a cache without streaming reads, reads the blob
+    whole and replays it to consumers in budget-sized chunks."""
+    repo = StreamsWritesOnly()
+    config = tg.RunConfig(cache=repo, binary_high_water_bytes=1000, reference_threshold_bytes=0)
+
+    def build() -> tuple[tg.TaskGraph, str]:
+        graph = tg.TaskGraph()
+        p = graph.add(Produce(), inputs={"size": 2100, "chunk": 700})
+        c = graph.add(Count())
+        graph.connect(p, "data", c, "data")
+        return graph, c
+
+    graph, c = build()
+    first = await tg.run_graph(graph, config=config)
+    Produce.runs = 0
+    repo.whole_reads = 0
+    events: list[tg.RunEvent] = []
+    graph, c = build()
+    second = await tg.run_graph(graph, config=config, on_event=events.append)
+    assert Produce.runs == 0
+    assert repo.whole_reads >= 1
+    assert second[c] == first[c] == {"size": 2100, "md": expected(2100, 700)}
+    sizes = [e.event.size for e in events if isinstance(e.event, tg.BinaryDelta)]
+    assert sizes == [1000, 1000, 100]
+
+
+async def test_a_task_reporting_stream_error_fails_with_its_error_chained() -> None:
+    """S6-2, S6-48: a task that yields `StreamError` fails: a TaskFailedError whose cause is a
+    StreamProtocolError chaining the task's own exception."""
+
+    class ReportsError(tg.Task):
+        type = "test_runner.ReportsError"
+        output_schema: ClassVar[Mapping[str, object]] = {
+            "properties": {"t": {"x-stream": "append"}}
+        }
+
+        async def execute_stream(
+            self, inputs: Mapping[str, object], ctx: tg.TaskContext
+        ) -> AsyncIterator[tg.StreamEvent]:
+            yield tg.TextDelta("t", "partial")
+            yield tg.StreamError(LookupError("the model is gone"))
+
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(ReportsError(), {})
+    cause = info.value.__cause__
+    assert isinstance(cause, tg.StreamProtocolError)
+    assert isinstance(cause.__cause__, LookupError)
+    assert str(cause.__cause__) == "the model is gone"
+
+
+async def test_explicit_blob_with_no_chunks_is_replayed_to_stream_consumers() -> None:
+    """S6-6, S6-24: a Finish value at a port that streamed nothing reaches its streaming
+    consumers, as the Blob's bytes in budget-sized chunks."""
+    graph = tg.TaskGraph()
+    i = graph.add(Image(), inputs={"parts": [], "explicit": tg.Blob(b"e" * 2500, "image/png")})
+    c = graph.add(Count())
+    graph.connect(i, "image", c, "data")
+    outs = await tg.run_graph(graph, config=tg.RunConfig(binary_high_water_bytes=1000))
+    assert outs[c] == {"size": 2500, "md": b"e" * 2500}
+    assert outs[i]["image"] == tg.Blob(b"e" * 2500, "image/png")
+
+
+class HandsBackAString:
+    """A broken third-party repository: its streamed save returns a str, not a CacheRef."""
+
+    def __init__(self) -> None:
+        self.inner = tg.MemoryOutputRepository()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def save_output_stream(
+        self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
+    ) -> object:
+        await self.inner.save_output_stream(task_type, inputs, port, chunks, mime=mime)  # type: ignore[arg-type]
+        return "blobs/not-a-ref"
+
+
+async def test_a_sink_returning_a_non_ref_fails_the_task_by_name() -> None:
+    """S6-26, S6-48: a cache whose streamed save returns something other than a CacheRef
+    fails the task with a RepositoryError naming the port and what came back."""
+    config = tg.RunConfig(cache=HandsBackAString(), reference_threshold_bytes=0)
+    with pytest.raises(tg.TaskFailedError) as info:
+        await tg.run_task(Produce(), {"size": 3000, "chunk": 1000}, config=config)
+    cause = info.value.__cause__
+    assert isinstance(cause, tg.RepositoryError)
+    assert "'data'" in str(cause)
+    assert "returned str, not a CacheRef" in str(cause)

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings, strategies as st
+from hypothesis import settings, strategies as st
 
 import trio_taskgraph as tg
 import trio_taskgraph._stream_processor as sp
 from tests.graph_tasks import Join, Relay
+from tests.typed_hypothesis import given
+from trio_taskgraph import BytesLike
 from trio_taskgraph.testing import (
     cancel_at_each_checkpoint,
     cancel_at_random_checkpoints,
@@ -33,10 +35,10 @@ Shape = Literal["chain", "fan-out", "fan-in"]
 
 class Source(tg.Task):
     type = "test_runner_cancellation.Source"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"size": {"type": "integer"}, "chunk": {"type": "integer"}, "tag": {}}
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
     cacheable = True
@@ -54,8 +56,11 @@ class Source(tg.Task):
 
 class Total(tg.Task):
     type = "test_runner_cancellation.Total"
-    input_schema: Mapping[str, object] = {"properties": {"data": {}}, "required": ["data"]}
-    output_schema: Mapping[str, object] = {"properties": {"n": {"type": "integer"}}}
+    input_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"data": {}},
+        "required": ["data"],
+    }
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"n": {"type": "integer"}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         data = inputs["data"]
@@ -97,7 +102,7 @@ class RunScenario:
         self.chunk = chunk
         self.budget = budget
         self.threshold = threshold
-        self.channels: list[tg.ByteSendChannel[object]] = []
+        self.channels: list[tg.ByteSendChannel[BytesLike]] = []
         self.repo = tg.MemoryOutputRepository()
 
     async def __call__(self) -> None:
@@ -109,19 +114,19 @@ class RunScenario:
             binary_high_water_bytes=self.budget,
             reference_threshold_bytes=self.threshold,
         )
-        real = sp.open_byte_channel
+        real = tg.open_byte_channel  # the function _stream_processor imported
         channels = self.channels
 
-        def recording(high_water_bytes: int) -> object:
+        def recording(
+            high_water_bytes: int,
+        ) -> tuple[tg.ByteSendChannel[BytesLike], tg.ByteReceiveChannel[BytesLike]]:
             send, receive = real(high_water_bytes)
             channels.append(send)
             return send, receive
 
-        sp.open_byte_channel = recording  # type: ignore[assignment]
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sp, "open_byte_channel", recording)
             await tg.run_graph(graph, config=config)
-        finally:
-            sp.open_byte_channel = real
 
     async def check(self) -> None:
         for channel in self.channels:
@@ -202,8 +207,10 @@ async def test_cancel_with_move_on_after_while_parked(autojump_clock: trio.abc.C
 
     class Sleepy(tg.Task):
         type = "test_runner_cancellation.Sleepy"
-        input_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
-        output_schema: Mapping[str, object] = {"properties": {"n": {}}}
+        input_schema: ClassVar[Mapping[str, object]] = {
+            "properties": {"data": {"x-stream": "binary"}}
+        }
+        output_schema: ClassVar[Mapping[str, object]] = {"properties": {"n": {}}}
 
         async def execute(
             self, inputs: Mapping[str, object], ctx: tg.TaskContext

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterable, AsyncIterator
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings, strategies as st
+from hypothesis import settings, strategies as st
 
 import trio_taskgraph as tg
+from tests.typed_hypothesis import given
 from trio_taskgraph._core._accumulate import BinaryRoute, OutputAccumulator
 from trio_taskgraph._core._events import BytesLike
 from trio_taskgraph._stream_processor import StreamEdge, StreamProcessor

@@ -8,6 +8,7 @@ import ast
 import pickle
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import attrs
 import pytest
@@ -27,10 +28,10 @@ IMAGE_OUT: dict[str, object] = {
 
 class Render(tg.Task):
     type = "test_task.Render"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"size": {"type": "integer"}, "seed": {"type": "integer"}}
     }
-    output_schema: Mapping[str, object] = IMAGE_OUT
+    output_schema: ClassVar[Mapping[str, object]] = IMAGE_OUT
     cacheable = True
 
     async def execute_stream(
@@ -47,11 +48,13 @@ class Render(tg.Task):
 
 class Resize(tg.Task):
     type = "test_task.Resize"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"image": {"x-stream": "binary"}, "scale": {"type": "number"}},
         "required": ["image"],
     }
-    output_schema: Mapping[str, object] = {"properties": {"image": {"x-stream": "binary"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"image": {"x-stream": "binary"}}
+    }
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         return {"image": b"resized"}
@@ -59,8 +62,10 @@ class Resize(tg.Task):
 
 class Describe(tg.Task):
     type = "test_task.Describe"
-    input_schema: Mapping[str, object] = {"properties": {"picture": {}, "note": {"type": "string"}}}
-    output_schema: Mapping[str, object] = {"properties": {"text": {"type": "string"}}}
+    input_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"picture": {}, "note": {"type": "string"}}
+    }
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"text": {"type": "string"}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         return {"text": "a picture"}
@@ -85,7 +90,7 @@ def test_bad_binary_format_never_registers() -> None:
 
         class Typo(tg.Task):
             type = "test_task.Typo"
-            output_schema: Mapping[str, object] = {
+            output_schema: ClassVar[Mapping[str, object]] = {
                 "properties": {"image": {"x-stream": "binary", "format": "Blob"}}
             }
 
@@ -202,7 +207,7 @@ def test_abstract_bases_are_not_registered() -> None:
     """S6-27: a subclass without its own `type` is an abstract helper base."""
 
     class Base(tg.Task):
-        output_schema: Mapping[str, object] = {"properties": {"x": {}}}
+        output_schema: ClassVar[Mapping[str, object]] = {"properties": {"x": {}}}
 
         async def helper(self) -> int:
             return 1
@@ -230,7 +235,7 @@ def test_abstract_bases_are_not_registered() -> None:
 def test_task_module_imports_no_trio() -> None:
     """S6-27: defining a Task needs nothing beyond what _task.py imports, and that is no trio."""
     source = (Path(tg.__file__).parent / "_task.py").read_text()
-    roots = set()
+    roots: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             roots.update(alias.name.split(".")[0] for alias in node.names)
@@ -247,7 +252,8 @@ def test_graph_add_and_connect() -> None:
     resize = graph.add(Resize(), inputs={"scale": 0.5})
     describe = graph.add(Describe())
     assert (render, resize, describe) == ("n1", "n2", "n3")
-    assert graph.connect(render, "image", resize, "image") is None
+    # The value of a None-returning call, on purpose: connect returns nothing.
+    assert graph.connect(render, "image", resize, "image") is None  # type: ignore[func-returns-value]
     graph.connect(resize, "image", describe, "picture")
     graph.connect(render, "log", describe, "note")
     assert [str(e) for e in graph.edges] == [

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings, strategies as st
+from hypothesis import settings, strategies as st
 
+from tests.typed_hypothesis import given
 from trio_taskgraph import TaskGraphError
 from trio_taskgraph.testing import (
     TORTURE_MAX_POINTS_ENV,

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import attrs
 import pytest
@@ -43,6 +43,8 @@ import trio_taskgraph as tg
 import trio_taskgraph._stream_processor as sp
 from tests.graph_tasks import Join, Relay
 from tests.server_harness import in_process_server
+from trio_taskgraph import BytesLike
+from trio_taskgraph._cache_server import CacheServer
 from trio_taskgraph.testing import cancel_at_each_checkpoint, torture_max_points
 
 T = TypeVar("T")
@@ -56,7 +58,7 @@ def _full() -> bool:
     return torture_max_points(DEFAULT_POINTS) is None
 
 
-def _pick(variants: list[T], every: int = 1 << 30) -> list[T]:
+def _pick(variants: Sequence[T], every: int = 1 << 30) -> Sequence[T]:
     """Every variant under ``make torture``; in ``make test`` every ``every``-th one (at least
     the first)."""
     return variants if _full() else variants[::every]
@@ -150,7 +152,7 @@ class ChannelScenario:
                         await handle.aclose()  # a producer leaves early, mid-stream
                         return
 
-        async def consume(handle: tg.ByteReceiveChannel[bytes], into: list[bytes]) -> None:
+        async def consume(handle: tg.ByteReceiveChannel[BytesLike], into: list[bytes]) -> None:
             async with handle:
                 async for item in handle:
                     into.append(bytes(item))
@@ -207,10 +209,10 @@ async def test_byte_channel_cancelled_at_each_checkpoint(case: ChannelCase) -> N
 
 class Source(tg.Task):
     type = "test_torture_campaign.Source"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"size": {"type": "integer"}, "chunk": {"type": "integer"}, "tag": {}}
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
     cacheable = True
@@ -229,10 +231,10 @@ class TwoPorts(tg.Task):
     """Two binary output ports, streamed interleaved (the multi-binary-port graph)."""
 
     type = "test_torture_campaign.TwoPorts"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"size": {"type": "integer"}, "chunk": {"type": "integer"}}
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {
             "x": {"x-stream": "binary", "format": "binary"},
             "y": {"x-stream": "binary", "format": "blob"},
@@ -256,8 +258,10 @@ class Total(tg.Task):
     """Materialises its inputs and counts their bytes (a materialising consumer)."""
 
     type = "test_torture_campaign.Total"
-    input_schema: Mapping[str, object] = {"properties": {"data": {}, "more": {}, "tag": {}}}
-    output_schema: Mapping[str, object] = {"properties": {"n": {"type": "integer"}}}
+    input_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"data": {}, "more": {}, "tag": {}}
+    }
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"n": {"type": "integer"}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         n = 0
@@ -319,20 +323,20 @@ def build(shape: str, size: int, chunk: int) -> tuple[tg.TaskGraph, dict[str, in
 
 
 @contextmanager
-def _recording_channels(into: list[tg.ByteSendChannel[object]]) -> Iterator[None]:
+def _recording_channels(into: list[tg.ByteSendChannel[BytesLike]]) -> Iterator[None]:
     """Record every byte channel the stream processor opens (to read their statistics)."""
-    real = sp.open_byte_channel
+    real = tg.open_byte_channel  # the function _stream_processor imported
 
-    def recording(high_water_bytes: int) -> object:
+    def recording(
+        high_water_bytes: int,
+    ) -> tuple[tg.ByteSendChannel[BytesLike], tg.ByteReceiveChannel[BytesLike]]:
         send, receive = real(high_water_bytes)
         into.append(send)
         return send, receive
 
-    sp.open_byte_channel = recording  # type: ignore[assignment]
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sp, "open_byte_channel", recording)
         yield
-    finally:
-        sp.open_byte_channel = real
 
 
 @attrs.frozen
@@ -385,8 +389,8 @@ class RunScenario:
     case: RunCase
     repo: tg.OutputRepository
     fresh: Callable[[], tg.OutputRepository] | None = None  # a new cache per run
-    channels: list[tg.ByteSendChannel[object]] = attrs.Factory(list)
-    result: dict[str, object] | None = None
+    channels: list[tg.ByteSendChannel[BytesLike]] = attrs.Factory(list)
+    result: dict[str, Mapping[str, object]] | None = None
     before: tg.RepositoryStats | None = None
     statuses: list[tuple[str, str, str]] = attrs.Factory(list)  # (node, task type, state)
 
@@ -455,8 +459,8 @@ class RunScenario:
                 assert hit, self.statuses
             if self.before is not None:
                 # A replay only reads: the cache holds what it held (S6-45).
-                stats = await self.repo.stats()
-                assert (stats.rows, stats.blobs) == (self.before.rows, self.before.blobs)
+                after = await self.repo.stats()
+                assert (after.rows, after.blobs) == (self.before.rows, self.before.blobs)
             if self.case.shape == "run-task" and self.result is not None:
                 ref = self.result["task"]["data"]
                 if isinstance(ref, tg.CacheRef):  # S6-21: the ref the caller got reads back
@@ -507,8 +511,8 @@ async def test_run_cancelled_at_each_checkpoint(case: RunCase, tmp_path: Path) -
         await _run_campaign(case, scenario, timeout)
     finally:
         with trio.CancelScope(shield=True):
-            for repo in folders:
-                await repo.aclose()
+            for folder_repo in folders:
+                await folder_repo.aclose()
 
 
 async def _run_campaign(case: RunCase, scenario: RunScenario, timeout: float) -> None:
@@ -562,7 +566,7 @@ class ServerScenario:
 
     case: ServerCase
     repo: tg.OutputRepository
-    server: object | None  # the in-process cache server (None: a Postgres repository)
+    server: CacheServer | None  # the in-process cache server (None: a Postgres repository)
     root: Path | None
     extra_check: Callable[[], Awaitable[None]] | None = None
     fills: itertools.count[int] = attrs.Factory(itertools.count)
@@ -622,8 +626,8 @@ class ServerScenario:
         with trio.CancelScope(shield=True):
             if self.server is not None:
                 server = self.server
-                await _wait_for(lambda: not server.statistics().requests)  # type: ignore[attr-defined]
-                assert server.statistics().buffered_bytes == 0  # type: ignore[attr-defined]
+                await _wait_for(lambda: not server.statistics().requests)
+                assert server.statistics().buffered_bytes == 0
             if isinstance(self.repo, tg.CacheServerRepository):
                 stats = self.repo.statistics()
                 assert stats.requests == 0, "S5-9: a request outlived its caller"
@@ -649,9 +653,9 @@ class ServerScenario:
                 if value is None:
                     assert row not in self.rows or task.startswith("p."), f"row {row} lost"
                     continue
-                ref = value["ref"]
-                assert isinstance(ref, tg.CacheRef)
-                await self.repo.get_output_by_ref(ref)  # S4-4: never a row without its blob
+                row_ref = value["ref"]
+                assert isinstance(row_ref, tg.CacheRef)
+                await self.repo.get_output_by_ref(row_ref)  # S4-4: never a row without its blob
             if self.case.op == "prune":
                 # S4-4: a prefix delete takes the row and both blobs, or nothing; not others.
                 assert set(self.victims) <= set(self.issued)

@@ -7,7 +7,8 @@ sharing included) against its original, rule by rule (S3-3 .. S3-6).
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Protocol, cast
 
 from trio_taskgraph import CacheRef
 
@@ -27,15 +28,26 @@ def _walked(value: object) -> bool:
     return tp in _WALKED or (issubclass(tp, tuple) and hasattr(tp, "_fields"))
 
 
+def _children(value: object) -> Iterable[object]:
+    """The children of a walked container: a dict's values, or the members."""
+    if isinstance(value, dict):
+        return value.values()
+    assert isinstance(value, list | tuple | set | frozenset)
+    return value
+
+
+class _NamedTupleType(Protocol):
+    def _make(self, iterable: Iterable[object], /) -> object: ...
+
+
 def naive_refs(value: object) -> set[CacheRef]:
     """Every ref in an acyclic ``value``, recursively (the oracle for collect)."""
     if type(value) is CacheRef:
         return {value}
     if not _walked(value):
         return set()
-    items = value.values() if isinstance(value, dict) else value  # type: ignore[attr-defined]
     found: set[CacheRef] = set()
-    for item in items:
+    for item in _children(value):
         found |= naive_refs(item)
     return found
 
@@ -48,18 +60,21 @@ def naive_substitute(value: object, table: Mapping[CacheRef, object]) -> object:
     if not _walked(value):
         return value
     if isinstance(value, dict):
-        out = (
-            collections.defaultdict(value.default_factory)
-            if tp is collections.defaultdict
-            else tp()
-        )
+        out: dict[object, object]
+        if tp is collections.defaultdict:
+            assert isinstance(value, collections.defaultdict)
+            out = collections.defaultdict(value.default_factory)
+        else:
+            out = type(value)()
         for k, v in value.items():
             out[k] = naive_substitute(v, table)
         return out
-    items = [naive_substitute(v, table) for v in value]  # type: ignore[attr-defined]
+    items = [naive_substitute(v, table) for v in _children(value)]
     if tp is not tuple and issubclass(tp, tuple):
-        return tp._make(items)  # type: ignore[attr-defined]
-    return tp(items)
+        # `_walked` admits only namedtuples among tuple subclasses.
+        return cast("_NamedTupleType", tp)._make(items)
+    assert isinstance(value, list | tuple | set | frozenset)
+    return type(value)(items)
 
 
 def _reachable_refs(value: object) -> set[CacheRef]:
@@ -72,7 +87,7 @@ def _reachable_refs(value: object) -> set[CacheRef]:
             found.add(x)
         elif _walked(x) and id(x) not in seen:
             seen.add(id(x))
-            stack.extend(x.values() if isinstance(x, dict) else x)  # type: ignore[attr-defined]
+            stack.extend(_children(x))
     return found
 
 
@@ -110,7 +125,9 @@ def check_rebuilt(original: object, result: object, table: Mapping[CacheRef, obj
             assert isinstance(r, dict)
             assert list(r.keys()) == list(o.keys())
             if type(o) is collections.defaultdict:
-                assert r.default_factory is o.default_factory  # type: ignore[attr-defined]
+                assert isinstance(o, collections.defaultdict)
+                assert isinstance(r, collections.defaultdict)
+                assert r.default_factory is o.default_factory
             stack.extend((o[k], r[k]) for k in o)
         elif isinstance(o, set | frozenset):
             assert isinstance(r, set | frozenset)

@@ -23,6 +23,7 @@ from ._core._constants import (
 from ._core._events import (
     BinaryDelta as BinaryDelta,
     Blob as Blob,
+    BytesLike as BytesLike,  # the chunk type public signatures use (typed tests)
     Finish as Finish,
     ObjectDelta as ObjectDelta,
     Phase as Phase,
@@ -238,6 +239,8 @@ __all__ = [
     "RowInfo",
     # scale-out job store on PostgreSQL (issue 11, second part)
     "PostgresJobStore",
+    # the chunk type public signatures use (typed tests)
+    "BytesLike",
 ]
 
 

@@ -18,10 +18,9 @@ times::
 3. a run that misses the cache (another seed), cancelled halfway: the report checks that no
    temp file, no orphan blob, no parked sender or receiver and no extra task is left.
 
-The graph, the cache server and the checks use the public API, with one exception: the edge's
-`statistics()` are read from the channel behind the `BinaryInputStream` the consumer holds,
-which exposes none of its own yet. rich draws the progress (no hand-made terminal drawing),
-refreshed by a trio task (no thread of ours).
+The graph, the cache server and the checks use the public API only (the edge's figures come
+from the consumer's `BinaryInputStream.statistics()`). rich draws the progress (no hand-made
+terminal drawing), refreshed by a trio task (no thread of ours).
 """
 
 from __future__ import annotations
@@ -118,8 +117,7 @@ class _Meter:
         """The edge channel's `statistics()`, once ``demo.verify`` holds its end."""
         if self.edge is None:
             return None
-        # `BinaryInputStream` has no public statistics() yet: read its channel's.
-        return self.edge._edge.receive_channel.statistics()
+        return self.edge.statistics()
 
 
 def _generated(size: int, seed: int) -> Iterator[memoryview]:

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         Sequence,
     )
 
+    from ._core._budget import ByteChannelStatistics
     from ._core._ports import PortSpec
 
 __all__ = [
@@ -127,6 +128,16 @@ class BinaryInputStream:
                     f"the producer of this stream ({self._edge.label}) failed"
                 ) from None
             raise
+
+    def statistics(self) -> ByteChannelStatistics:
+        """
+        A snapshot of the edge behind this stream (S6-55): the bytes buffered on it now and
+        at peak against its budget (``high_water_bytes``), and who is parked on it.
+
+        The counts are the edge's own, for this consumer only: with a fan-out, each consumer
+        has its own edge and budget.
+        """
+        return self._edge.receive_channel.statistics()
 
     async def aclose(self) -> None:
         """

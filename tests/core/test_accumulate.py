@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
 from tests.strategies import binary_chunks
+from tests.typed_hypothesis import given
 from trio_taskgraph._core._accumulate import (
     AccumulatedOutput,
     BinaryRoute,

@@ -6,9 +6,10 @@ replay chunking, input refs, orphan cleanup.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
+from tests.typed_hypothesis import given
 from trio_taskgraph import wire
 from trio_taskgraph._core._accumulate import BinaryRoute, OutputAccumulator
 from trio_taskgraph._core._cache_policy import (
@@ -29,6 +30,7 @@ from trio_taskgraph._core._cache_policy import (
     sink_ports,
     split_chunk,
 )
+from trio_taskgraph._core._graph import EdgeMode
 
 SCHEMA: dict[str, object] = {
     "properties": {
@@ -165,7 +167,7 @@ def test_saved_row_stays_small_and_round_trips() -> None:
     assert len(packed) < 1024
     again = wire.unpackb(packed)
     assert again == row
-    assert tg.is_cache_ref(again["raw"])  # type: ignore[index]
+    assert tg.is_cache_ref(again["raw"])
 
 
 @pytest.mark.parametrize(
@@ -305,7 +307,7 @@ def test_replay_plan() -> None:
         {"image": ref, "raw": b"inline", "meta": _ref("not-binary", 1), "log": "t"}, PORTS
     )
     assert cached is not None
-    both: set[str] = {"stream", "materialize"}
+    both: set[EdgeMode] = {"stream", "materialize"}
     plan = replay_plan(cached, PORTS, {"image": both, "raw": both, "meta": both, "log": both})
     assert plan == {"image": {"stream", "hydrate"}, "raw": {"stream"}}
     assert replay_plan(cached, PORTS, {"image": {"materialize"}}) == {"image": {"hydrate"}}

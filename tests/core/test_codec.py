@@ -5,17 +5,20 @@ The wire codec and the frame decoder (spec/S5-wire-and-server.md, S5-1 .. S5-5).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import pickle
 import struct
 import tracemalloc
 from collections import OrderedDict
+from collections.abc import Callable
 
 import msgpack
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
 from tests.strategies import ref_trees, wire_values
+from tests.typed_hypothesis import given
 from trio_taskgraph import wire
 from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder, encode_frame
 
@@ -49,7 +52,7 @@ def ext(code: int, payload: bytes) -> bytes:
 
 def assert_wire_error(data: bytes, match: str = "", **limits: int) -> None:
     with pytest.raises(tg.WireFormatError, match=match):
-        wire.unpackb(data, **limits)  # type: ignore[arg-type]
+        wire.unpackb(data, **limits)
 
 
 # --- round trips (S5-1) ----------------------------------------------------------------------
@@ -111,7 +114,7 @@ def test_blob_is_never_flattened_to_an_empty_map() -> None:
     row = {"bytes": blob, "nested": [{"b": blob}]}
     out = wire.unpackb(wire.packb(row))
     assert out == row
-    assert out["nested"][0]["b"].mime == "application/octet-stream"  # type: ignore[index]
+    assert out["nested"][0]["b"].mime == "application/octet-stream"
     assert wire.unpackb(wire.packb(tg.Blob(b""))) == tg.Blob(b"")
 
 
@@ -192,10 +195,10 @@ def test_max_bytes() -> None:
 
 @pytest.mark.parametrize("make", [nested_lists, nested_maps])
 @pytest.mark.parametrize("limit", [1, 5, 40])
-def test_max_depth(make: object, limit: int) -> None:
+def test_max_depth(make: Callable[[int], bytes], limit: int) -> None:
     """S5-3: depth == limit passes, limit + 1 fails, whichever way the depth is checked."""
-    at = make(limit)  # type: ignore[operator]
-    past = make(limit + 1)  # type: ignore[operator]
+    at = make(limit)
+    past = make(limit + 1)
     wire.unpackb(at, max_depth=limit)
     assert_wire_error(past, "max_depth", max_depth=limit)
     # Padded with a long string so the cheap length bound cannot decide.
@@ -221,7 +224,9 @@ def test_scalars_are_depth_zero() -> None:
 def test_many_shallow_containers_pass_the_exact_depth_check() -> None:
     """S5-3: more container headers than max_depth, but shallow: accepted."""
     data = wire.packb([[[]] for _ in range(2000)])
-    assert len(wire.unpackb(data, max_depth=3)) == 2000  # type: ignore[arg-type]
+    out = wire.unpackb(data, max_depth=3)
+    assert isinstance(out, list)
+    assert len(out) == 2000
     assert_wire_error(data, "max_depth", max_depth=2)
 
 
@@ -330,11 +335,62 @@ def test_timestamp_shaped_bytes_inside_a_string_are_fine() -> None:
         (b"\xc1", "CacheRef"),
         (b"", "CacheRef"),
         (msgpack.packb([msgpack.ExtType(1, b""), None, None]), "str"),
+        # Three-item values that are not a list: the hot path unpacks any 3-item sequence,
+        # so each must still be refused (a str, a bin, a map of three str keys).
+        (msgpack.packb("abc"), "CacheRef"),
+        (msgpack.packb(b"abc"), "CacheRef"),
+        (msgpack.packb({"ref": "r", "size": 1, "mime": None}), "CacheRef"),
+        (msgpack.packb({"r": "r", "": "s", "m": "m"}), "CacheRef"),
     ],
 )
-def test_malformed_cache_ref_payloads(payload: bytes, match: str) -> None:
-    """S5-3, S3-2: a ref from the wire is validated exactly like a constructed one."""
-    assert_wire_error(ext(wire.EXT_CACHE_REF, payload), match)
+@pytest.mark.parametrize("path", ["default limits", "explicit limits"])
+def test_malformed_cache_ref_payloads(payload: bytes, match: str, path: str) -> None:
+    """
+    S5-3, S3-2: a ref from the wire is validated exactly like a constructed one, on the
+    small-message hot path and on the path with explicit limits alike.
+    """
+    limits = {} if path == "default limits" else {"max_bytes": 1 << 20}
+    assert_wire_error(ext(wire.EXT_CACHE_REF, payload), match, **limits)
+
+
+def test_unpackb_signature_is_the_documented_one() -> None:
+    """
+    S5-3: `unpackb` is documented and introspected with its keyword-only limits, although
+    at run time a fast path with ``**limits`` stands in front of it.
+    """
+    params = inspect.signature(wire.unpackb).parameters
+    assert list(params) == [
+        "data",
+        "max_bytes",
+        "max_depth",
+        "max_container_len",
+        "max_str_len",
+        "max_bin_len",
+    ]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(params.values())[1:])
+    assert wire.unpackb.__name__ == "unpackb"
+    assert "enforcing every wire rule" in (wire.unpackb.__doc__ or "")
+
+
+def test_unpackb_refuses_unknown_and_positional_limits() -> None:
+    """S5-3: a misspelt limit is a TypeError naming it, never silently ignored."""
+    data = wire.packb([1, 2])
+    with pytest.raises(TypeError, match="max_byts"):
+        wire.unpackb(data, max_byts=10)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="positional"):
+        wire.unpackb(data, 10)  # type: ignore[call-arg]
+    assert wire.unpackb(data=data) == [1, 2]
+
+
+@given(wire_values)
+def test_fast_path_agrees_with_explicit_default_limits(value: object) -> None:
+    """
+    S5-3 (property): the small-message fast path and the checked path (taken whenever a
+    limit is passed, even at its default) decode every value alike.
+    """
+    data = wire.packb(value)
+    explicit = wire.unpackb(data, max_bytes=wire.DEFAULT_MAX_FRAME_BYTES, max_depth=512)
+    assert wire.unpackb(data) == explicit
 
 
 @pytest.mark.parametrize(
@@ -837,7 +893,7 @@ def test_detaching_keeps_every_rule() -> None:
         decoder.next_frame()
 
     for limits in ({"max_bin_len": 50_000}, {"max_container_len": 2}):
-        decoder = FrameDecoder(detach_bin_bytes=4096, **limits)  # type: ignore[arg-type]
+        decoder = FrameDecoder(detach_bin_bytes=4096, **limits)
         decoder.receive_data(good[:100])
         assert decoder.next_frame() is NEED_DATA
         # From either method (S5-5): here as the payload completes the frame.

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import attrs
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
+from tests.typed_hypothesis import given
 from trio_taskgraph._core._events import chunk_size
 
 
@@ -28,7 +29,9 @@ from trio_taskgraph._core._events import chunk_size
 def test_events_are_frozen_and_slotted(event: object) -> None:
     """S1-1"""
     assert not hasattr(event, "__dict__")
-    field = attrs.fields(type(event))[0].name
+    cls = type(event)
+    assert attrs.has(cls)
+    field = attrs.fields(cls)[0].name
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         setattr(event, field, "other")
 

@@ -6,9 +6,10 @@ cycles, fan-out/fan-in, topological order and readiness.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
+from tests.typed_hypothesis import given
 from trio_taskgraph._core._graph import (
     Edge,
     GraphModel,
@@ -229,7 +230,7 @@ def _dags(draw: st.DrawFn) -> tuple[int, list[tuple[int, int]], list[int]]:
 
 
 def _fan_in_model(n: int, insertion: list[int]) -> GraphModel:
-    schema = {"properties": {f"in{k}": {} for k in range(n)}}
+    schema: dict[str, object] = {"properties": {f"in{k}": {} for k in range(n)}}
     model = GraphModel()
     for node in insertion:
         model.add_node(f"v{node}", task_type="T", input_schema=schema, output_schema=PASS_OUT)

@@ -5,9 +5,10 @@ Row keys and ref signing (`_core/_keys.py`): S4-1 and S4-6.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
+from tests.typed_hypothesis import given
 from trio_taskgraph._core._keys import (
     RefSigner,
     canonical_encode,

@@ -5,10 +5,11 @@ Reading port schemas (S1-4, S1-5) and materialising binary chunks (S1-6).
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
 from tests.strategies import binary_chunks, port_names
+from tests.typed_hypothesis import given
 from trio_taskgraph._core._events import BytesLike
 
 SCHEMA: dict[str, object] = {

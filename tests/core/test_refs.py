@@ -8,10 +8,10 @@ import pickle
 
 import attrs
 import pytest
-from hypothesis import given
 
 import trio_taskgraph as tg
 from tests.strategies import cache_refs
+from tests.typed_hypothesis import given
 from trio_taskgraph._core._refs import CACHE_REF_KIND, MAX_REF_LENGTH
 
 

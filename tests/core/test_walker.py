@@ -8,13 +8,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import pickle
+from collections.abc import Callable
 from typing import NamedTuple
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
 import trio_taskgraph as tg
 from tests.strategies import Pair, cache_refs, ref_graphs, ref_trees
+from tests.typed_hypothesis import given
 from tests.walker_oracle import check_rebuilt, naive_refs, naive_substitute
 from trio_taskgraph._core._walker import is_walkable, rebuild, scan_refs, substitute_refs
 
@@ -80,15 +82,16 @@ class MyTuple(tuple[object, ...]):
         "frozenset",
     ],
 )
-def test_walked_shapes_come_back_with_the_same_type(make: object) -> None:
+def test_walked_shapes_come_back_with_the_same_type(make: Callable[[object], object]) -> None:
     """S3-3: every walked container is rebuilt with its own type."""
-    value = make(A)  # type: ignore[operator]
+    value = make(A)
     assert tg.collect_cache_refs(value) == [A]
     out = substitute_refs(value, TABLE)
     assert type(out) is type(value)
     check_rebuilt(value, out, TABLE)
     if isinstance(value, collections.defaultdict):
-        assert out.default_factory is list  # type: ignore[attr-defined]
+        assert isinstance(out, collections.defaultdict)
+        assert out.default_factory is list
 
 
 @pytest.mark.parametrize(
@@ -120,7 +123,7 @@ def test_everything_else_is_an_opaque_leaf(leaf: object) -> None:
     assert tg.collect_cache_refs(value) == [A]
     out = substitute_refs(value, TABLE)
     assert out == {"leaf": leaf, "ref": "<a>"}
-    assert out["leaf"] is leaf  # type: ignore[index]
+    assert out["leaf"] is leaf
 
 
 def test_mapping_keys_are_opaque() -> None:
@@ -167,10 +170,11 @@ def test_clean_branches_keep_their_identity() -> None:
     clean = {"deep": [1, 2, (3,)]}
     value = {"clean": clean, "dirty": [clean, A], "other": [B]}
     out = substitute_refs(value, {A: "<a>"})
-    assert out["clean"] is clean  # type: ignore[index]
-    assert out["dirty"][0] is clean  # type: ignore[index]
-    assert out["dirty"] == [clean, "<a>"]  # type: ignore[index]
-    assert out["other"] is value["other"]  # type: ignore[index]
+    assert isinstance(out, dict)
+    assert out["clean"] is clean
+    assert out["dirty"][0] is clean
+    assert out["dirty"] == [clean, "<a>"]
+    assert out["other"] is value["other"]
 
 
 @given(ref_graphs())
@@ -223,7 +227,7 @@ def test_shared_immutable_inside_an_immutable() -> None:
     inner = (A,)
     out = substitute_refs((inner, inner, frozenset({inner})), TABLE)
     assert out == (("<a>",), ("<a>",), frozenset({("<a>",)}))
-    assert out[0] is out[1]  # type: ignore[index]
+    assert out[0] is out[1]
 
 
 def test_shared_subtree_is_rebuilt_once_and_shared() -> None:
@@ -231,8 +235,9 @@ def test_shared_subtree_is_rebuilt_once_and_shared() -> None:
     shared = [A, {"x": B}]
     value = {"one": shared, "two": shared, "three": (shared,)}
     out = substitute_refs(value, TABLE)
-    assert out["one"] is out["two"] is out["three"][0]  # type: ignore[index]
-    assert out["one"] == ["<a>", {"x": "<b>"}]  # type: ignore[index]
+    assert isinstance(out, dict)
+    assert out["one"] is out["two"] is out["three"][0]
+    assert out["one"] == ["<a>", {"x": "<b>"}]
 
 
 # --- distinct refs (S3-6) --------------------------------------------------------------------
@@ -261,16 +266,20 @@ def test_root_ref() -> None:
 
 
 @pytest.mark.parametrize("wrap", [lambda x: [x], lambda x: {"k": x}, lambda x: (x, 0)])
-def test_ten_thousand_levels(wrap: object) -> None:
+def test_ten_thousand_levels(wrap: Callable[[object], object]) -> None:
     """S3-7: no recursion; 10,000 levels (and three times that) work."""
     for depth in (10_000, 30_000):
         value: object = A
         for _ in range(depth):
-            value = wrap(value)  # type: ignore[operator]
+            value = wrap(value)
         assert tg.collect_cache_refs(value) == [A]
         out = substitute_refs(value, TABLE)
         for _ in range(depth):
-            out = out[0] if not isinstance(out, dict) else out["k"]  # type: ignore[index]
+            if isinstance(out, dict):
+                out = out["k"]
+            else:
+                assert isinstance(out, list | tuple)
+                out = out[0]
         assert out == "<a>"
 
 

@@ -11,6 +11,7 @@ import pytest
 from trio_taskgraph import (
     FsOutputRepository,
     MemoryOutputRepository,
+    NamespacedRepository,
     OutputRepository,
     RunPrivateRepository,
 )
@@ -18,17 +19,17 @@ from trio_taskgraph import (
 Factory = Callable[[], OutputRepository]
 
 
-def _fs_factory(tmp_path: Path) -> Factory:
+def _fs_factory(tmp_path: Path) -> Callable[[], FsOutputRepository]:
     counter = itertools.count()
 
-    def make() -> OutputRepository:
+    def make() -> FsOutputRepository:
         # A fresh folder per repository: another folder is another repository.
         return FsOutputRepository(tmp_path / f"repo{next(counter)}")
 
     return make
 
 
-def _run_private_factory(make_backing: Factory) -> Factory:
+def _run_private_factory(make_backing: Callable[[], NamespacedRepository]) -> Factory:
     counter = itertools.count()
 
     def make() -> OutputRepository:

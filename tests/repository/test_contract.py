@@ -5,6 +5,8 @@ and run-private over both. One test per contract check, so a failure names the c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import trio
 
@@ -21,14 +23,15 @@ async def test_contract(repository_factory: Factory, check: str) -> None:
 
 async def test_whole_suite_accepts_async_context_manager_factories(tmp_path: object) -> None:
     """S4-8: the suite takes a factory of async context managers (how the server client runs)."""
+    from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
     from trio_taskgraph import MemoryOutputRepository
 
-    opened = []
+    opened: list[MemoryOutputRepository] = []
 
     @asynccontextmanager
-    async def factory():  # type: ignore[no-untyped-def]
+    async def factory() -> AsyncIterator[MemoryOutputRepository]:
         repo = MemoryOutputRepository()
         opened.append(repo)
         try:
@@ -69,8 +72,10 @@ async def test_suite_catches_top_level_only_keys() -> None:
         def __getattr__(self, name: str) -> object:
             return getattr(self._inner, name)
 
-        async def save_output(self, task_type: str, inputs: object, output: object) -> None:
-            await self._inner.save_output(task_type, str(inputs), output)  # type: ignore[arg-type]
+        async def save_output(
+            self, task_type: str, inputs: object, output: Mapping[str, object]
+        ) -> None:
+            await self._inner.save_output(task_type, str(inputs), output)
 
         async def get_output(self, task_type: str, inputs: object) -> object:
             return await self._inner.get_output(task_type, str(inputs))

@@ -121,10 +121,10 @@ async def test_sigkill_at_random_moments_leaves_a_consistent_store(tmp_path: Pat
     rows = await trio.to_thread.run_sync(_rows, folder)
     assert len(rows) >= len(reported)
     for row in rows:
-        ref = row["ref"]
-        assert isinstance(ref, tg.CacheRef)
-        data = await repo.get_output_by_ref(ref)
-        assert len(data) == ref.size
+        row_ref = row["ref"]
+        assert isinstance(row_ref, tg.CacheRef)
+        data = await repo.get_output_by_ref(row_ref)
+        assert len(data) == row_ref.size
         assert hashlib.sha256(data).hexdigest() == row["sha"]
     for name, size in await trio.to_thread.run_sync(_records, folder):
         assert (folder / "blobs" / f"{name}.blob").stat().st_size == size

@@ -114,7 +114,7 @@ def _family(name: str) -> list[dict[str, object]]:
                 out.append({**base, "setup": setup, "ops": ops})
     if name == "delete":
         setup = [_stream("a", [4, 4]), _stream("b", [9]), _row("r1", ["a"])]
-        variants = [
+        variants: list[list[dict[str, object]]] = [
             [{"op": "delete", "id": "b"}, _stream("c", [2, 3]), {"op": "delete", "id": "c"}],
             [{"op": "delete", "id": "b"}, {"op": "delete", "id": "b"}],  # idempotent
             [_row("r1", []), {"op": "delete", "id": "a"}, {"op": "delete", "id": "b"}],
@@ -133,7 +133,7 @@ def _family(name: str) -> list[dict[str, object]]:
             _row("new", ["b"], at=SETUP_TIME + 900),
             _stream("d", [4], at=SETUP_TIME + 900),  # unreferenced but young
         ]
-        variants: list[list[dict[str, object]]] = [
+        variants = [
             [{"op": "prune", "seconds": 500.0}],
             [{"op": "prune", "seconds": 500.0}, {"op": "prune", "seconds": 50.0}],
             [{"op": "prune", "seconds": 500.0}, _stream("e", [2, 2]), _row("e", ["e", "b"])],
@@ -420,10 +420,10 @@ def _judge(workload: Mapping[str, object], journal: list[dict[str, object]], fol
     assert len(unknown) <= (1 if flight is not None and flight["op"] == "stream" else 0), unknown
 
     # S4-3: every promised ref reads back exactly what it promised, or is gone entirely.
-    for blob_id, data in reads.items():
-        if data is not None:
-            assert len(data) == refs[blob_id].size
-            assert digest(data) == promised[blob_id]["sha"]
+    for blob_id, read in reads.items():
+        if read is not None:
+            assert len(read) == refs[blob_id].size
+            assert digest(read) == promised[blob_id]["sha"]
 
     # Old or new: rows change in one commit, together with the records a prune removes.
     rows_seen = {key: tuple(str(i) for i in _ids(row)) for key, row in seen.rows.items()}

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, settings, strategies as st
 
 import trio_taskgraph as tg
+from tests.typed_hypothesis import given
+from trio_taskgraph import BytesLike
 from trio_taskgraph._repository import _filesystem
 from trio_taskgraph.testing._repository_contract import _forgeries
 
@@ -399,7 +401,7 @@ async def test_cancel_while_a_batch_is_being_written(
     release = threading.Event()
     real = _filesystem._writev_all
 
-    def slow_writev(fd: int, batch: list[bytes]) -> None:
+    def slow_writev(fd: int, batch: list[BytesLike]) -> None:
         entered.set()
         release.wait(10)
         real(fd, batch)

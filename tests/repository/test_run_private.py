@@ -13,6 +13,7 @@ import pytest
 import trio
 
 import trio_taskgraph as tg
+from trio_taskgraph import BytesLike
 from trio_taskgraph.testing import check_output_repository
 
 
@@ -60,7 +61,7 @@ class ThirdPartyBacking:
         task_type: str,
         inputs: object,
         port: str,
-        chunks: AsyncIterable[bytes],
+        chunks: AsyncIterable[BytesLike],
         *,
         mime: str | None = None,
     ) -> tg.CacheRef:
@@ -99,7 +100,7 @@ class ThirdPartyBacking:
         await self._inner.aclose()
 
 
-def _backings(tmp_path: Path) -> dict[str, tg.OutputRepository]:
+def _backings(tmp_path: Path) -> dict[str, tg.NamespacedRepository]:
     return {
         "memory": tg.MemoryOutputRepository(),
         "filesystem": tg.FsOutputRepository(tmp_path / "fs"),

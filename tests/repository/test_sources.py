@@ -5,6 +5,8 @@ on every implementation.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 import trio
 
@@ -69,11 +71,11 @@ async def test_streamed_reads_hand_out_bounded_bytes_chunks(repository_factory: 
     size = 20 * 1024 * 1024 + 5
     data = bytes(range(256)) * (size // 256) + b"\x01" * (size % 256)
 
-    async def chunks() -> object:
+    async def chunks() -> AsyncIterator[bytes]:
         for at in range(0, size, 1 << 20):
             yield data[at : at + (1 << 20)]
 
-    ref = await repo.save_output_stream("t", {}, "out", chunks())  # type: ignore[arg-type]
+    ref = await repo.save_output_stream("t", {}, "out", chunks())
     sizes = []
     async with repo.open_output_stream_by_ref(ref) as stream:
         async for chunk in stream:

@@ -118,7 +118,7 @@ class _Harness:
                 self.folder, clock=clock, write_batch_bytes=4, read_chunk_bytes=4
             )
         self.backing = backing
-        repo = backing
+        repo: tg.OutputRepository = backing
         if self.kind.startswith("run_private"):
             assert isinstance(backing, tg.MemoryOutputRepository | tg.FsOutputRepository)
             repo = tg.RunPrivateRepository(backing, "the-run")

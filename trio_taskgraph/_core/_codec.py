@@ -43,6 +43,12 @@ no longer than ``max_depth``), and can only hold a timestamp if the data contain
 right after one of the eleven timestamp-shaped ext headers. Only when a bound fails is the
 decoded value walked (iteratively) to check exactly. Small messages under the default limits
 take an inlined path (`unpackb`) that skips everything msgpack already guarantees.
+
+At run time `unpackb` is that fast path, taking ``**limits``; it hands any call that passes a
+limit to the checked function, whose name, docstring and keyword-only signature it carries
+(so type checkers, ``help`` and misspelt keywords see the documented API). The reason is
+CPython 3.11's call protocol: every keyword-only default is looked up in a dict on every
+call, which cost about a tenth of a small message's decode (`bench/bench_wire.py`).
 """
 
 from __future__ import annotations
@@ -351,15 +357,13 @@ def _ext_hook(code: int, data: bytes) -> object:
     """The ext hook for data no longer than every length limit (msgpack's own bounds)."""
     if code == 1:  # EXT_CACHE_REF, inlined: it is on the hot path of every ref message
         try:
-            fields = _msgpack_unpackb(data)
-        except (ValueError, TypeError) as exc:
-            raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
-        if type(fields) is list and len(fields) == 3:
-            try:
-                return CacheRef(fields[0], fields[1], fields[2])
-            except (TypeError, ValueError) as exc:
-                raise WireFormatError(f"malformed CacheRef ext payload: {exc}") from None
-        raise WireFormatError("malformed CacheRef ext payload: want [ref, size, mime]")
+            # Unpacking accepts any 3-item sequence: a str or bytes of length 3, or a map of
+            # three str keys (strict_map_key), but then ``size`` is a str or an int with a
+            # str ``ref`` ... and `CacheRef` refuses it, so no shape slips through (S5-3).
+            ref, size, mime = _msgpack_unpackb(data)
+            return CacheRef(ref, size, mime)
+        except (ValueError, TypeError):
+            raise _malformed_ref(data) from None
     # Invariant (S5-3): known ext types only.
     if code != 2:
         raise WireFormatError(f"unknown ext type {code} (known: {EXT_CACHE_REF}, {EXT_BLOB})")
@@ -368,6 +372,19 @@ def _ext_hook(code: int, data: bytes) -> object:
     except (ValueError, TypeError) as exc:
         raise WireFormatError(f"malformed Blob ext payload: {exc}") from None
     return _ext_value(code, fields)
+
+
+def _malformed_ref(data: bytes) -> WireFormatError:
+    """The error for a CacheRef ext payload the hot path refused, naming what was wrong."""
+    try:
+        fields = _msgpack_unpackb(data)
+    except (ValueError, TypeError) as exc:
+        return WireFormatError(f"malformed CacheRef ext payload: {exc}")
+    try:
+        _ext_value(EXT_CACHE_REF, fields)
+    except WireFormatError as exc:
+        return exc
+    raise AssertionError("unreachable: the payload decodes to a valid CacheRef")  # pragma: no cover
 
 
 def _limited_ext_hook(limits: WireLimits, code: int, data: bytes) -> object:
@@ -503,8 +520,8 @@ def _decode(data: bytes | memoryview, limits: WireLimits) -> object:
         type(value) is dict
         and max_depth >= 1
         and len(value) <= _FLAT_MAP_ITEMS
-        and all(type(k) is str for k in value)
         and all(type(v) in _FLAT_TYPES for v in value.values())
+        and all(type(k) is str for k in value)
     ):
         # A small map of str keys to scalars, bytes and our ext values (a protocol message
         # carrying a chunk, say) is depth 1 and holds no timestamp: skip the byte scans
@@ -554,27 +571,6 @@ def unpackb(
             truncated or trailing bytes, invalid UTF-8, a container map key.
     """
     if (
-        type(data) is bytes
-        and max_bytes is DEFAULT_MAX_FRAME_BYTES
-        and max_depth is DEFAULT_MAX_DEPTH
-        and max_container_len is DEFAULT_MAX_CONTAINER_LEN
-        and max_str_len is None
-        and max_bin_len is None
-        and len(data) <= DEFAULT_MAX_DEPTH
-    ):
-        # The hot path (small messages, default limits), inlined: every rule still holds.
-        # Data no longer than max_depth cannot nest deeper, is far below every length limit
-        # (msgpack bounds lengths by len(data)), and only the timestamp check remains.
-        try:
-            value = _msgpack_unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
-        except WireFormatError:
-            raise
-        except (ValueError, TypeError) as exc:
-            raise _translate_unpack_error(exc) from None
-        if 0xFF in data and _timestamp_in(data, value):
-            raise WireFormatError(f"unknown ext type -1 (known: {EXT_CACHE_REF}, {EXT_BLOB})")
-        return value
-    if (
         max_bytes is DEFAULT_MAX_FRAME_BYTES
         and max_depth is DEFAULT_MAX_DEPTH
         and max_container_len is DEFAULT_MAX_CONTAINER_LEN
@@ -598,6 +594,34 @@ def unpackb(
             raise WireFormatError(f"can only decode bytes-like data, not {type(data).__name__}")
         data = bytes(data)
     return _decode(data, limits)
+
+
+_unpackb_checked: Final = unpackb
+
+
+def _unpackb_fast(data: bytes | bytearray | memoryview, **limits: int | None) -> object:
+    # The hot path (small messages, default limits), inlined: every rule still holds.
+    # Data no longer than max_depth cannot nest deeper, is far below every length limit
+    # (msgpack bounds lengths by len(data)), and only the timestamp check remains.
+    # ``**limits``, not keyword-only parameters: see the module docstring.
+    if not limits and type(data) is bytes and len(data) <= DEFAULT_MAX_DEPTH:
+        try:
+            value = _msgpack_unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+        except WireFormatError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise _translate_unpack_error(exc) from None
+        if 0xFF in data and _timestamp_in(data, value):
+            raise WireFormatError(f"unknown ext type -1 (known: {EXT_CACHE_REF}, {EXT_BLOB})")
+        return value
+    return _unpackb_checked(data, **limits)  # type: ignore[arg-type]
+
+
+if not TYPE_CHECKING:
+    # At run time `unpackb` is the fast path, which hands anything else to the checked
+    # function; it keeps that function's name, docstring and signature (``__wrapped__``).
+    # Type checkers see the checked function's exact keyword-only signature.
+    unpackb = functools.update_wrapper(_unpackb_fast, _unpackb_checked)
 
 
 # --- frames ----------------------------------------------------------------------------------

@@ -76,11 +76,13 @@ def _check_mapping(
         raise TypeError(f"{attribute.name} must be a mapping, not {type(value).__name__}")
 
 
-def _to_bytes(value: object) -> bytes:
+def _to_bytes(value: BytesLike) -> bytes:
     # Invariant (S1-3): Blob.data is bytes. bytes(b) returns b itself for exact bytes.
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    raise TypeError(f"Blob data must be bytes-like, not {type(value).__name__}")
+    # The annotation types Blob's ``data`` parameter; the check is for untyped callers.
+    checked: object = value
+    if isinstance(checked, bytes | bytearray | memoryview):
+        return bytes(checked)
+    raise TypeError(f"Blob data must be bytes-like, not {type(checked).__name__}")
 
 
 def _check_mime(_instance: object, _attribute: attrs.Attribute[str | None], value: object) -> None:

@@ -441,6 +441,37 @@ async def check_aclose(factory: RepositoryFactory) -> None:
             await repo.save_output("t", {}, {"v": 2})
 
 
+async def check_bad_arguments_are_refused(factory: RepositoryFactory) -> None:
+    """
+    S4-15: a caller's bad argument is a `TypeError`/`ValueError` naming it, raised before
+    anything is stored; the repository keeps working.
+    """
+    async with _open(factory) as repo:
+        before = await repo.stats()
+        with _Raises(TypeError, "a task type that is not a str"):
+            await repo.save_output(5, {}, {"v": 1})  # type: ignore[arg-type]
+        with _Raises(ValueError, "an empty task type"):
+            await repo.save_output("", {}, {"v": 1})
+        with _Raises(TypeError, "a task type that is not a str, in get_output"):
+            await repo.get_output(None, {})  # type: ignore[arg-type]
+        with _Raises(TypeError, "an output that is not a mapping"):
+            await repo.save_output("t", {}, [("v", 1)])  # type: ignore[arg-type]
+        with _Raises(TypeError, "an output key that is not a str"):
+            await repo.save_output("t", {}, {1: "v"})  # type: ignore[dict-item]
+        with _Raises(TypeError, "an output value no row can hold"):
+            await repo.save_output("t", {}, {"v": object()})
+        with _Raises(TypeError, "inputs that have no key"):
+            await repo.save_output("t", {"x": object()}, {"v": 1})
+        if _streams(repo):
+            with _Raises(TypeError, "a mime that is not a str"):
+                await repo.save_output_stream("t", {}, "out", _stream(b"x"), mime=5)  # type: ignore[arg-type]
+            with _Raises(TypeError, "a task type that is not a str, in a stream"):
+                await repo.save_output_stream(b"t", {}, "out", _stream(b"x"))  # type: ignore[arg-type]
+        assert await repo.stats() == before, "a refused call stored something"
+        await repo.save_output("t", {}, {"v": 1})
+        assert await repo.get_output("t", {}) == {"v": 1}
+
+
 #: Every check, by name; `check_output_repository` runs them in this order.
 CONTRACT_CHECKS: dict[str, Check] = {
     "rows_round_trip": check_rows_round_trip,
@@ -457,6 +488,7 @@ CONTRACT_CHECKS: dict[str, Check] = {
     "stats_and_gc": check_stats_and_gc,
     "stream_reader_early_exit": check_stream_reader_early_exit,
     "capabilities_and_checkpoints": check_capabilities_and_checkpoints,
+    "bad_arguments_are_refused": check_bad_arguments_are_refused,
     "aclose": check_aclose,
 }
 
