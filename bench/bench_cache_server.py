@@ -15,7 +15,14 @@ Benchmark: the cache server and its client against their ceilings, in one run.
 
 Runs alternate (ours, baseline, ours, baseline, ...) and report medians.
 
-    python bench/bench_cache_server.py [--quick] [--pairs N] [--dir DIR]
+    python bench/bench_cache_server.py [--quick] [--pairs N] [--dir DIR] [--detail]
+    python bench/bench_cache_server.py --stream-only [--pairs N]   # (a) alone, with details
+
+``--detail`` prints each stream pair's up and down seconds and the CPU seconds (user+sys)
+per GiB moved of the client and the server process: on a shared 2-core machine wall-clock
+ratios swing from pair to pair, CPU per GiB much less. To see where the server's time goes,
+set TRIO_TASKGRAPH_SERVER_PROFILE=/path/file: the server runs under cProfile (CPU time of
+its event-loop thread) and writes its statistics there when it stops.
 """
 
 from __future__ import annotations
