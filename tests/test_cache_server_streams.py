@@ -208,3 +208,22 @@ async def test_send_file_frames_sends_a_run_of_frames_whole(tmp_path: Path) -> N
     assert received == expected
     await left.aclose()
     await right.aclose()
+
+
+async def test_sendfile_download_yields_bounded_bytes_chunks(tmp_path: Path) -> None:
+    """S5-18, S5-9 (seed M-6: a reader gets bounded chunks, never the whole blob): a blob
+    sent with sendfile and received into detached payloads reaches the caller as ``bytes``
+    chunks of at most ``chunk_bytes``, exactly the blob, and the client holds at most the
+    window (plus the frame being received)."""
+    chunk = 256 * 1024
+    async with (
+        in_process_server(tmp_path / "root", window=4 * chunk, chunk_bytes=chunk) as (_, sock),
+        tg.connect_cache_server(sock) as repo,
+    ):
+        ref = await repo.save_output_stream("t", {}, "p", _chunks(9, 300_000))
+        async with repo.open_output_stream_by_ref(ref) as stream:
+            pieces = [piece async for piece in stream]
+        assert all(type(p) is bytes for p in pieces)
+        assert max(len(p) for p in pieces) == chunk
+        assert b"".join(pieces) == b"".join(bytes([i]) * 300_000 for i in range(9))
+        assert repo.statistics().peak_buffered_bytes <= 4 * chunk + chunk + 4096
