@@ -9,12 +9,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from trio_taskgraph._cache_server import receive_into, tune_allocator, write_now, write_rest
+from trio_taskgraph._cache_server import (
+    receive_into,
+    send_file,
+    tune_allocator,
+    write_now,
+    write_rest,
+)
 from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder, encode_frame
 
 
@@ -51,6 +58,51 @@ async def test_write_now_sends_what_fits_and_write_rest_the_remainder() -> None:
     assert write_now(left, [b"small"]) == []  # fits at once: nothing left
     assert await right.receive_some(100) == b"small"
     await left.aclose()
+    await right.aclose()
+
+
+async def test_send_file_sends_the_file_range_through_a_full_socket(tmp_path: Path) -> None:
+    """S5-16: a file range larger than the socket buffer goes out whole with
+    ``os.sendfile``, waiting for room as the peer reads; the peer receives exactly it."""
+    left, right = _stream_pair()
+    payload = os.urandom(6 * 1024 * 1024)
+    path = tmp_path / "blob"
+    path.write_bytes(payload)
+    fd = os.open(path, os.O_RDONLY)
+    received = bytearray()
+    expected = payload[1000 : 1000 + 5_000_000]
+
+    async def read_all() -> None:
+        while len(received) < len(expected):
+            received.extend(await right.receive_some(1 << 20))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await send_file(left, fd, 1000, len(expected))
+    finally:
+        os.close(fd)
+    assert received == expected
+    await left.aclose()
+    await right.aclose()
+
+
+async def test_send_file_past_the_end_of_the_file_is_broken(tmp_path: Path) -> None:
+    """S5-10: a file shorter than the frame promised cannot finish the frame: the send is
+    broken (the server tears the connection down) rather than leaving a torn frame."""
+    left, right = _stream_pair()
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(trio.BrokenResourceError, match="ended before"):
+            await send_file(left, fd, 0, 200)
+    finally:
+        os.close(fd)
+    assert await right.receive_some(1000) == b"x" * 100
+    await left.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await send_file(left, 0, 0, 1)
     await right.aclose()
 
 

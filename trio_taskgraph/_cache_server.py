@@ -70,6 +70,7 @@ from ._core._messages import (
     Welcome,
     decode_client,
     encode_data_frame,
+    encode_data_frame_head,
     encode_message,
     error_kind,
 )
@@ -91,6 +92,8 @@ __all__ = [
     "CacheServerStatistics",
     "prepare_socket_path",
     "receive_into",
+    "send_file",
+    "send_file_frames",
     "serve_cache_server",
     "tune_allocator",
     "widen_send_buffer",
@@ -101,7 +104,7 @@ __all__ = [
 Ts = TypeVarTuple("Ts")
 
 #: Credit each stream starts with, in bytes (S5-9).
-DEFAULT_WINDOW: Final = 4 * 1024 * 1024
+DEFAULT_WINDOW: Final = 8 * 1024 * 1024
 #: Largest chunk sent in one frame, either way.
 DEFAULT_CHUNK_BYTES: Final = 1024 * 1024
 #: Requests one connection may have open at once.
@@ -111,6 +114,8 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 #: Seconds a connection-level error reply may take to send before the socket is just closed.
 _GOODBYE_TIMEOUT: Final = 1.0
 _RECEIVE_BYTES: Final = 1024 * 1024
+#: Upload payloads at least this large are received into buffers of their own (S5-18).
+DETACH_BIN_BYTES: Final = 64 * 1024
 
 
 @final
@@ -226,6 +231,10 @@ class _Upload:
 class _Download:
     id: int
     credit: int
+    # Invariant (S5-17): a frame being sent from the blob file is never cut by an abort;
+    # the abort (``aborted``) takes effect when the frame is done.
+    in_frame: bool = False
+    aborted: bool = False
     lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
@@ -240,7 +249,9 @@ class _UploadChunks:
     def __init__(self, conn: _Connection, upload: _Upload) -> None:
         self._conn = conn
         self._upload = upload
-        self._threshold = max(1, min(conn.server.chunk_bytes, conn.server.window // 4))
+        # Credit goes back a quarter window at a time (and always before waiting): fewer
+        # frames and wake-ups on both sides than one per chunk.
+        self._threshold = max(1, conn.server.window // 4)
 
     def __aiter__(self) -> _UploadChunks:
         return self
@@ -277,8 +288,13 @@ class _Connection:
     def __init__(self, server: CacheServer, stream: trio.abc.Stream) -> None:
         self.server = server
         self.stream = stream
-        self.decoder = FrameDecoder(max_frame_bytes=server.max_frame_bytes)
+        # Invariant (S5-18): upload payloads arrive in buffers of their own, uncopied.
+        self.decoder = FrameDecoder(
+            max_frame_bytes=server.max_frame_bytes, detach_bin_bytes=DETACH_BIN_BYTES
+        )
         self.send_lock = trio.Lock()
+        # A frame was cut short (S5-17): nothing more may be sent; the connection goes.
+        self.broken = False
         self.requests: dict[int, _Entry] = {}
         self.namespace = ""
         self.views: dict[str, FsOutputRepository] = {}
@@ -311,6 +327,8 @@ class _Connection:
             await lock.acquire()
         try:
             try:
+                if self.broken:
+                    raise trio.BrokenResourceError("a frame was cut short on this connection")
                 rest = write_now(self.stream, parts)
                 if rest:
                     # A frame cut by a cancellation would corrupt the stream: finish it.
@@ -545,7 +563,9 @@ class _Connection:
     def _on_end(self, message: EndStream | Abort) -> None:
         entry = self.requests.get(message.id, None)
         if isinstance(message, Abort):
-            if isinstance(entry, _Upload | _Download):
+            if isinstance(entry, _Download) and entry.in_frame:
+                entry.aborted = True  # cancelled once its frame is whole (S5-17)
+            elif isinstance(entry, _Upload | _Download):
                 entry.scope.cancel()
             if isinstance(entry, _Upload):
                 entry.ended = True
@@ -675,7 +695,10 @@ class _Connection:
                     view = self._view(message.ns)
                     async with view.open_output_stream_by_ref(message.ref) as pieces:
                         await self.send(Ok(id=download.id, value=None))
-                        await self._stream_pieces(download, pieces)
+                        if isinstance(self.stream, trio.SocketStream):
+                            await self._sendfile_pieces(download, pieces.fileno())
+                        else:
+                            await self._stream_pieces(download, pieces)
                     reply: ServerMessage = Data(id=download.id, data=b"", end=True)
                 except Exception as exc:
                     reply = Failed(id=download.id, kind=error_kind(exc), message=str(exc))
@@ -727,6 +750,74 @@ class _Connection:
                         server._add_buffered(-len(piece))
         if failure:
             raise failure[0]
+
+    async def _sendfile_pieces(self, download: _Download, fd: int) -> None:
+        """
+        Send the published blob file ``fd`` as data frames straight from the kernel's page
+        cache to the socket (``os.sendfile`` in a worker thread: no copy through this
+        process, nothing buffered here, and a cold disk read never blocks the event loop),
+        under the client's credit. The bytes on the wire are exactly those `_stream_pieces`
+        sends (S5-16): each frame's head, then ``chunk_bytes`` of the file. Every frame the
+        credit allows goes in one run (one thread hop when the socket takes it all).
+        """
+        chunk_bytes = self.server.chunk_bytes
+        size = (await trio.to_thread.run_sync(os.fstat, fd)).st_size
+        offset = 0
+        while offset < size:
+            # Invariant (S5-9): never send past the client's credit.
+            while download.credit < min(chunk_bytes, size - offset):
+                await download.lot.park()
+            frames: list[tuple[bytes, int, int]] = []
+            while offset < size and download.credit >= min(chunk_bytes, size - offset):
+                count = min(chunk_bytes, size - offset)
+                download.credit -= count
+                frames.append((encode_data_frame_head(download.id, count), offset, count))
+                offset += count
+            # An abort (or a teardown) that came while we did not wait takes effect here,
+            # before the run starts; one arriving from now on waits for the run (S5-17).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            download.in_frame = True
+            try:
+                await self._send_file_frames(fd, frames)
+            finally:
+                download.in_frame = False
+                if download.aborted:
+                    download.scope.cancel()
+
+    async def _send_file_frames(self, fd: int, frames: list[tuple[bytes, int, int]]) -> None:
+        """
+        Send whole frames, each ``(head, offset, count)``: ``head``, then ``count`` bytes of
+        file ``fd`` from ``offset``.
+
+        Not shielded, unlike `_send_parts`: the frames go out in worker-thread hops that wait
+        for a writable socket, and a peer that stops reading must not pin the server. Only
+        the connection itself is ever cancelled mid-run (an abort waits for the run, S5-17),
+        so a run cut short, by cancellation or by an error, breaks the connection: nothing
+        else is sent on it and it is torn down (S5-10).
+        """
+        stream = self.stream
+        assert isinstance(stream, trio.SocketStream)
+        lock = self.send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            if self.broken:
+                raise trio.BrokenResourceError("a frame was cut short on this connection")
+            try:
+                await send_file_frames(stream, fd, frames)
+            except BaseException:
+                # Conservatively broken, even if nothing went out: only a teardown (or a
+                # broken socket) gets here, and the connection goes either way.
+                self.broken = True
+                self._tear_down()
+                raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._tear_down()
+            raise
+        finally:
+            lock.release()
 
 
 class _CleanClose(Exception):
@@ -930,6 +1021,92 @@ async def receive_into(stream: trio.abc.Stream, decoder: FrameDecoder, size: int
         except OSError as exc:
             raise trio.BrokenResourceError(f"the socket broke: {exc}") from exc
     decoder.commit_received(count)
+
+
+def _send_frames_some(
+    sock_fd: int, fd: int, frames: list[tuple[bytes, int, int]], done: int
+) -> int:
+    """
+    In a worker thread: send the byte stream ``frames`` stands for (each frame its head,
+    then ``count`` bytes of ``fd`` from ``offset``), from position ``done`` on, to the
+    non-blocking socket ``sock_fd`` (``os.write`` for heads, ``os.sendfile`` for payloads)
+    until all is sent or the socket is full. Returns the new position, or -1 if the file
+    ended before a frame did.
+    """
+    start = 0  # where the current segment starts in the stream
+    for head, offset, count in frames:
+        end = start + len(head)
+        while done < end:
+            try:
+                done += os.write(sock_fd, memoryview(head)[done - start :])
+            except BlockingIOError:
+                return done
+        start = end
+        end = start + count
+        while done < end:
+            try:
+                sent = os.sendfile(sock_fd, fd, offset + done - start, end - done)
+            except BlockingIOError:
+                return done
+            if not sent:
+                return -1
+            done += sent
+        start = end
+    return done
+
+
+async def send_file_frames(
+    stream: trio.SocketStream, fd: int, frames: list[tuple[bytes, int, int]]
+) -> None:
+    """
+    Send ``frames`` (each ``(head, offset, count)``: ``head``, then ``count`` bytes of file
+    ``fd`` from ``offset``) to ``stream``'s socket, whole and in order.
+
+    Each step waits until the socket is writable, then runs ``os.write``/``os.sendfile`` in
+    a worker thread (`trio.to_thread.run_sync`) until the socket is full: the kernel reads
+    the file (from its page cache, or from disk when cold: blocking file I/O never runs on
+    the event loop, as DESIGN asks) and copies it to the socket; no payload byte passes
+    through this process. One thread hop per run when the reader keeps up.
+
+    Raises:
+        trio.BrokenResourceError: the socket broke, or the file ended before a frame did
+            (the frame cannot be finished: the connection must be torn down).
+        trio.ClosedResourceError: the socket is closed.
+
+    Cancellation: a cancellation point while waiting for room (or before a hop), never
+    during one; the bytes already sent stay sent, so a caller cancelled part-way must
+    treat the connection as broken.
+    """
+    sock = stream.socket
+    total = sum(len(head) + count for head, _, count in frames)
+    done = 0
+    while done < total:
+        if sock.fileno() < 0:
+            raise trio.ClosedResourceError("the socket is closed")
+        await trio.lowlevel.wait_writable(sock)
+        sock_fd = sock.fileno()
+        if sock_fd < 0:
+            raise trio.ClosedResourceError("the socket is closed")
+        try:
+            done = await trio.to_thread.run_sync(_send_frames_some, sock_fd, fd, frames, done)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the socket broke: {exc}") from exc
+        if done < 0:
+            raise trio.BrokenResourceError("the blob file ended before its frame did")
+
+
+async def send_file(stream: trio.SocketStream, fd: int, offset: int, count: int) -> None:
+    """
+    Send ``count`` bytes of file ``fd`` from ``offset`` to ``stream``'s socket (a run of one
+    headless frame, see `send_file_frames`).
+
+    Raises:
+        trio.BrokenResourceError: the socket broke, or the file ended first.
+        trio.ClosedResourceError: the socket is closed.
+
+    Cancellation: as `send_file_frames`.
+    """
+    await send_file_frames(stream, fd, [(b"", offset, count)])
 
 
 async def write_rest(stream: trio.abc.Stream, rest: list[bytes | bytearray | memoryview]) -> None:

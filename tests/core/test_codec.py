@@ -762,3 +762,150 @@ def test_decoder_gives_back_a_large_frames_memory() -> None:
         tracemalloc.stop()
     assert peak < 1024 * 1024
     assert len(decoder._buffer) < 1024 * 1024  # the 8 MiB buffer was let go
+
+
+# --- detached binary payloads (S5-18) --------------------------------------------------------
+
+
+def _stream_frame_values(sizes: list[int]) -> list[dict[str, object]]:
+    """Chunk- and data-shaped maps (binary last), with other small frames between them."""
+    values: list[dict[str, object]] = []
+    for i, size in enumerate(sizes):
+        payload = bytes([i % 251]) * size
+        if i % 3 == 0:
+            values.append({"id": i, "op": "chunk", "data": payload})
+        elif i % 3 == 1:
+            values.append({"id": i, "end": False, "op": "data", "data": payload})
+        else:
+            values.append({"op": "credit", "id": i, "n": size + 1})
+    return values
+
+
+def _decode_all(
+    decoder: FrameDecoder, data: bytes, steps: list[int], *, lent: bool
+) -> list[object]:
+    frames: list[object] = []
+    position = 0
+    index = 0
+    while True:
+        frame = decoder.next_frame()
+        if frame is CLOSED:
+            return frames
+        if frame is not NEED_DATA:
+            frames.append(frame)
+            continue
+        step = steps[index % len(steps)]
+        index += 1
+        if lent:
+            with decoder.receive_buffer(step) as view:
+                count = min(len(view), len(data) - position)
+                view[:count] = data[position : position + count]
+            decoder.commit_received(count)
+        else:
+            piece = data[position : position + step]
+            count = len(piece)
+            decoder.receive_data(piece)
+        position += count
+
+
+@given(
+    st.lists(st.sampled_from([0, 1, 100, 4095, 4096, 70_000, 300_000]), max_size=8),
+    st.lists(st.sampled_from([1, 61, 4096, 65536, 400_000]), min_size=1, max_size=5).map(
+        lambda steps: [*steps, 65536]  # a 1-byte step alone would make an example slow
+    ),
+    st.booleans(),
+)
+def test_detached_payloads_decode_as_the_ordinary_path(
+    sizes: list[int], steps: list[int], lent: bool
+) -> None:
+    """S5-18 (property): a decoder that detaches binary payloads yields the same frames as
+    one that does not (bytes payloads included), in any split and either way of
+    receiving."""
+    values = _stream_frame_values(sizes)
+    data = b"".join(encode_frame(v) for v in values)
+    ordinary = _decode_all(FrameDecoder(), data + b"", steps, lent=False)
+    detaching = FrameDecoder(detach_bin_bytes=4096)
+    got = _decode_all(detaching, data, steps, lent=lent)
+    assert got == ordinary == values
+    assert all(type(v.get("data", b"")) is bytes for v in got if isinstance(v, dict))
+    assert detaching.buffered_bytes == 0
+
+
+def test_detached_payload_is_received_into_its_own_buffer() -> None:
+    """S5-18: once a large chunk frame's head is here, the decoder lends views into the
+    payload's own buffer, each ending where the payload does (nothing past the frame is
+    read meanwhile), counts the bytes as buffered, and hands over that very buffer."""
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    frame = encode_frame({"id": 7, "op": "chunk", "data": payload})
+    after = encode_frame({"op": "end", "id": 7})
+    decoder = FrameDecoder(detach_bin_bytes=65536)
+    decoder.receive_data(frame[:100])
+    assert decoder.next_frame() is NEED_DATA
+    position = 100
+    lent: list[int] = []
+    while position < len(frame):
+        with decoder.receive_buffer(300_000) as view:
+            lent.append(len(view))
+            view[:] = frame[position : position + len(view)]
+        decoder.commit_received(lent[-1])
+        position += lent[-1]
+        assert decoder.buffered_bytes == position - (len(frame) - len(payload))
+    assert sum(lent) == len(frame) - 100  # the views ended exactly at the frame's end
+    assert lent[-1] < 300_000
+    with decoder.receive_buffer(1 << 20) as probe:
+        assert len(probe) == 64  # a short read takes the next frame's head
+        probe[: len(after)] = after
+    decoder.commit_received(len(after))
+    value = decoder.next_frame()
+    assert value == {"id": 7, "op": "chunk", "data": payload}
+    assert isinstance(value, dict)
+    assert type(value["data"]) is bytes
+    assert hash(value["data"]) == hash(payload)
+    assert decoder.next_frame() == {"op": "end", "id": 7}
+    assert decoder.buffered_bytes == 0
+
+
+def test_detaching_keeps_every_rule() -> None:
+    """S5-18, S5-3, S5-5: a detached frame is held to the ordinary rules: a bad head (an
+    invalid UTF-8 key, a value the limits refuse) fails when the frame completes, as the
+    ordinary path does; EOF inside the payload is a truncated frame; a payload over
+    ``max_bin_len`` or over the 4 MiB reserve is not detached (the ordinary path refuses or
+    buffers it)."""
+    payload = b"p" * 100_000
+    bad_key = msgpack.packb({"id": 1, "op": "chunk", "data": payload})
+    bad_key = bad_key.replace(b"\xa2op", b"\xa2\xff\xfe", 1)
+    decoder = FrameDecoder(detach_bin_bytes=4096)
+    frame = struct.pack(">I", len(bad_key)) + bad_key
+    decoder.receive_data(frame[:50])
+    assert decoder.next_frame() is NEED_DATA
+    with pytest.raises(tg.WireFormatError):
+        decoder.receive_data(frame[50:])
+    with pytest.raises(tg.WireFormatError, match="already failed"):
+        decoder.next_frame()
+
+    decoder = FrameDecoder(detach_bin_bytes=4096)
+    good = encode_frame({"id": 1, "op": "chunk", "data": payload})
+    decoder.receive_data(good[:60_000])
+    assert decoder.next_frame() is NEED_DATA
+    assert decoder.buffered_bytes == 60_000 - (len(good) - len(payload))
+    decoder.receive_data(b"")
+    with pytest.raises(tg.WireFormatError, match="truncated frame"):
+        decoder.next_frame()
+
+    for limits in ({"max_bin_len": 50_000}, {"max_container_len": 2}):
+        decoder = FrameDecoder(detach_bin_bytes=4096, **limits)
+        decoder.receive_data(good[:100])
+        assert decoder.next_frame() is NEED_DATA
+        # From either method (S5-5): here as the payload completes the frame.
+        with pytest.raises(tg.WireFormatError, match=next(iter(limits))):
+            _decode_all(decoder, good[100:], [1 << 20], lent=False)
+
+    huge = encode_frame({"id": 1, "op": "chunk", "data": b"h" * (5 * 1024 * 1024)})
+    decoder = FrameDecoder(detach_bin_bytes=4096)
+    decoder.receive_data(huge[:100])
+    assert decoder.next_frame() is NEED_DATA
+    with decoder.receive_buffer(1 << 20) as view:
+        assert len(view) == 1 << 20  # not detached: the ordinary buffer
+    decoder.commit_received(0)
+    with pytest.raises(ValueError, match="detach_bin_bytes"):
+        FrameDecoder(detach_bin_bytes=0)

@@ -275,9 +275,21 @@ def test_data_frame_parts_are_the_data_message(size: int) -> None:
     assert decode_server(decoder.next_frame()) == Data(id=7, data=data)
 
 
+@pytest.mark.parametrize("size", _BIN_EDGES)
+def test_data_frame_head_then_the_payload_is_the_data_frame(size: int) -> None:
+    """S5-16: the head the server sends before a payload it `os.sendfile`s from the blob
+    file, followed by the payload bytes, is exactly `encode_data_frame`'s frame."""
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    head = messages.encode_data_frame_head(7, size)
+    assert head + data == b"".join(messages.encode_data_frame(7, data))
+    assert decode_server(unpackb((head + data)[4:])) == Data(id=7, data=data)
+
+
 def test_stream_frames_refuse_what_a_peer_would_refuse() -> None:
     """S5-16, S5-4: a stream frame over the frame limit is refused before anything is sent."""
     with pytest.raises(tg.WireFormatError, match="max_frame_bytes"):
         messages.encode_chunk_frame(1, [], 64 * 1024 * 1024)
     with pytest.raises(tg.WireFormatError, match="max_frame_bytes"):
         messages.encode_data_frame(1, memoryview(bytearray(64 * 1024 * 1024)))
+    with pytest.raises(tg.WireFormatError, match="max_frame_bytes"):
+        messages.encode_data_frame_head(1, 64 * 1024 * 1024)

@@ -53,8 +53,10 @@ call, which cost about a tenth of a small message's decode (`bench/bench_wire.py
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import struct
+import sys
 from typing import TYPE_CHECKING, Final, final
 
 import attrs
@@ -63,6 +65,9 @@ import msgpack
 from .._errors import WireFormatError
 from ._events import Blob
 from ._refs import CacheRef
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "CLOSED",
@@ -98,6 +103,102 @@ _HEADER: Final = struct.Struct(">I")
 _MIN_CAPACITY: Final = 64 * 1024
 _KEEP_CAPACITY: Final = 4 * 1024 * 1024
 _MAX_FRAME_LENGTH: Final = (1 << 32) - 1  # what a 4-byte prefix can declare
+# After a detached frame (S5-18) the next read is this small, so it takes the next frame's
+# head and little of its payload (which would be copied if that frame is detached too).
+_PROBE_BYTES: Final = 64
+# The largest payload detached (S5-18): its buffer is reserved when its frame's head
+# arrives, so a peer's declared length never reserves more than this ahead of its bytes.
+_MAX_DETACH_BYTES: Final = 4 * 1024 * 1024
+# Bytes a scalar map value takes, by its first byte (fixed-size scalars only).
+_FIXED_SCALAR_SIZE: Final = {
+    0xC0: 1, 0xC2: 1, 0xC3: 1,  # nil, false, true
+    0xCC: 2, 0xD0: 2, 0xCD: 3, 0xD1: 3,  # uint8, int8, uint16, int16
+    0xCE: 5, 0xD2: 5, 0xCA: 5,  # uint32, int32, float32
+    0xCF: 9, 0xD3: 9, 0xCB: 9,  # uint64, int64, float64
+}  # fmt: skip
+_BIN_HEADER_SIZE: Final = {0xC4: 2, 0xC5: 3, 0xC6: 5}
+
+
+def _bytes_allocator() -> Callable[[int], tuple[bytes, memoryview]] | None:
+    """
+    ``new(size) -> (payload, view)``: a new ``bytes`` object of ``size`` bytes, left
+    uninitialised, and a writable view of its contents to receive into (S5-18). The object
+    is not shared until the decoder hands it over whole, so nothing can see it change; this
+    saves both msgpack's copy of a payload and the zeroing a ``bytearray`` would cost.
+    CPython only (it writes into the object's own storage, as CPython's ``bytes``
+    constructors do); None elsewhere, or if the layout is not what a self-check expects.
+    """
+    if sys.implementation.name != "cpython":  # pragma: no cover - CPython here
+        return None
+    try:
+        make = ctypes.pythonapi.PyBytes_FromStringAndSize
+        make.restype = ctypes.py_object
+        make.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+        offset = bytes.__basicsize__ - 1  # ob_sval: where a bytes object keeps its data
+    except (AttributeError, OSError):  # pragma: no cover - not a standard CPython
+        return None
+
+    def new(size: int) -> tuple[bytes, memoryview]:
+        # size >= 2: CPython shares its empty and one-byte bytes objects.
+        assert size >= 2
+        payload: bytes = make(None, size)
+        storage = (ctypes.c_char * size).from_address(id(payload) + offset)
+        return payload, memoryview(storage).cast("B")
+
+    try:
+        probe, view = new(16)
+        view[:] = b"S5-18 self-check"
+        view.release()
+    except (TypeError, ValueError):  # pragma: no cover - an unexpected layout
+        return None
+    if probe != b"S5-18 self-check" or type(probe) is not bytes:  # pragma: no cover
+        return None
+    return new
+
+
+_new_payload: Final = _bytes_allocator()
+
+
+def _bin_tail(body: memoryview, frame_length: int) -> tuple[int, int, int, bytes] | None:
+    """
+    Where a frame's binary tail starts, if the frame's body (``body`` is its start, of a
+    body ``frame_length`` bytes long) is a fixmap of fixstr keys and scalar values whose
+    last value is a binary ending exactly at the frame's end (the layout of chunk and data
+    frames, S5-16): ``(binary header offset, payload offset, payload length, last key)``.
+    None otherwise, or if too little of the body is here to tell.
+    """
+    n = len(body)
+    if n < 1 or not 0x80 < body[0] <= 0x8F:
+        return None
+    count = body[0] & 0x0F
+    pos = 1
+    for index in range(count):
+        if pos >= n or not 0xA0 <= body[pos] <= 0xBF:
+            return None
+        key_end = pos + 1 + (body[pos] & 0x1F)
+        if key_end >= n:
+            return None
+        key = bytes(body[pos + 1 : key_end])
+        pos = key_end
+        kind = body[pos]
+        if index == count - 1:
+            header = _BIN_HEADER_SIZE.get(kind)
+            if header is None or pos + header > n:
+                return None
+            size = int.from_bytes(body[pos + 1 : pos + header], "big")
+            start = pos + header
+            return (pos, start, size, key) if start + size == frame_length else None
+        if kind <= 0x7F or kind >= 0xE0:
+            pos += 1
+        elif 0xA0 <= kind <= 0xBF:
+            pos += 1 + (kind & 0x1F)
+        else:
+            step = _FIXED_SCALAR_SIZE.get(kind)
+            if step is None:
+                return None
+            pos += step
+    return None  # pragma: no cover - the loop returns on its last key
+
 
 # Bytes that can start an array or a map: fixmap 0x80-0x8f, fixarray 0x90-0x9f,
 # array16/32 0xdc/0xdd, map16/32 0xde/0xdf. Everything else is deleted by translate().
@@ -569,7 +670,24 @@ class FrameDecoder:
     the decoder is broken: every later call raises `WireFormatError` again.
     """
 
-    __slots__ = ("_buffer", "_end", "_eof", "_error", "_limits", "_scanned", "_start")
+    __slots__ = (
+        "_buffer",
+        "_detach_bytes",
+        "_end",
+        "_eof",
+        "_error",
+        "_limits",
+        "_probe",
+        "_ready",
+        "_ready_bytes",
+        "_scanned",
+        "_start",
+        "_tail",
+        "_tail_filled",
+        "_tail_head",
+        "_tail_key",
+        "_tail_view",
+    )
 
     def __init__(
         self,
@@ -579,7 +697,11 @@ class FrameDecoder:
         max_container_len: int = DEFAULT_MAX_CONTAINER_LEN,
         max_str_len: int | None = None,
         max_bin_len: int | None = None,
+        detach_bin_bytes: int | None = None,
     ) -> None:
+        if detach_bin_bytes is not None and detach_bin_bytes < 2:
+            raise ValueError(f"detach_bin_bytes must be >= 2 or None, got {detach_bin_bytes}")
+        self._detach_bytes = detach_bin_bytes
         self._limits = WireLimits(
             max_bytes=max_frame_bytes,
             max_depth=max_depth,
@@ -599,6 +721,18 @@ class FrameDecoder:
         self._scanned = 0  # offset of the first frame header not yet checked
         self._eof = False
         self._error: WireFormatError | None = None
+        # A frame being detached (S5-18): its binary payload is received into ``_tail``
+        # through ``_tail_view`` (``_tail_filled`` bytes so far); ``_tail_head`` is the body
+        # before the binary's header, ``_tail_key`` the binary's key. A completed frame
+        # waits in ``_ready``.
+        self._tail: bytes | None = None
+        self._tail_view = memoryview(b"")
+        self._tail_filled = 0
+        self._tail_head = b""
+        self._tail_key = b""
+        self._ready: object = NEED_DATA
+        self._ready_bytes = 0
+        self._probe = False
 
     @property
     def limits(self) -> WireLimits:
@@ -608,7 +742,7 @@ class FrameDecoder:
     @property
     def buffered_bytes(self) -> int:
         """Bytes received and not yet returned as frames."""
-        return self._end - self._start
+        return self._end - self._start + self._tail_filled + self._ready_bytes
 
     @property
     def broken(self) -> bool:
@@ -621,6 +755,10 @@ class FrameDecoder:
         # Drop what is buffered: a broken decoder holds no memory.
         self._buffer = bytearray()
         self._start = self._end = self._scanned = 0
+        self._tail = None
+        self._tail_view.release()
+        self._tail_filled = self._ready_bytes = 0
+        self._ready = NEED_DATA
         return error
 
     def _check_broken(self) -> None:
@@ -683,17 +821,23 @@ class FrameDecoder:
             self._eof = True
             return
         with memoryview(data) as source, source.cast("B") as raw:
-            size = len(raw)
-            self._reserve(size)
-            self._buffer[self._end : self._end + size] = raw
-        self._end += size
-        self._check_headers()
+            taken = self._fill_tail(raw) if self._tail is not None else 0
+            size = len(raw) - taken
+            if size:
+                self._reserve(size)
+                self._buffer[self._end : self._end + size] = raw[taken:]
+        if size:
+            self._end += size
+            self._check_headers()
 
     def receive_buffer(self, size: int) -> memoryview:
         """
-        Lend out room for ``size`` bytes to receive into (``socket.recv_into``), then call
-        `commit_received` with the count received. The view is only valid until the next
-        call on this decoder. This is `receive_data` without a copy: the same rules apply.
+        Lend out room for up to ``size`` bytes to receive into (``socket.recv_into``), then
+        call `commit_received` with the count received. The view is only valid until the
+        next call on this decoder. This is `receive_data` without a copy: the same rules
+        apply. The view is shorter than ``size`` while a detached payload is received (it
+        ends where the payload does) and right after one (a short read takes the next
+        frame's head), see ``detach_bin_bytes``.
 
         Raises:
             WireFormatError: the decoder already failed, or EOF was received.
@@ -704,6 +848,15 @@ class FrameDecoder:
             raise ValueError(f"size must be >= 1, got {size}")
         if self._eof:
             raise self._fail("data received after EOF")
+        tail = self._tail
+        if tail is not None:
+            # Invariant (S5-18): a detached payload is received into its own buffer, and
+            # nothing past its frame's end is read meanwhile.
+            room = min(size, len(tail) - self._tail_filled)
+            return self._tail_view[self._tail_filled : self._tail_filled + room]
+        if self._probe and self._end == self._start:
+            size = min(size, _PROBE_BYTES)
+        self._probe = False
         self._reserve(size)
         return memoryview(self._buffer)[self._end : self._end + size]
 
@@ -716,15 +869,91 @@ class FrameDecoder:
             ValueError: ``count`` is negative or more than the view lent out.
         """
         self._check_broken()
-        if count < 0 or self._end + count > len(self._buffer):
+        tail = self._tail
+        room = len(tail) - self._tail_filled if tail is not None else len(self._buffer) - self._end
+        if count < 0 or count > room:
             raise ValueError(f"commit_received({count}) is more than was lent out")
         if count == 0:
             self._eof = True
             return
         if self._eof:
             raise self._fail("data received after EOF")
+        if tail is not None:
+            self._tail_filled += count
+            if self._tail_filled == len(tail):
+                self._finish_tail()
+            return
         self._end += count
         self._check_headers()
+
+    def _fill_tail(self, raw: memoryview) -> int:
+        """Copy the start of ``raw`` into the detached payload; returns the bytes taken."""
+        tail = self._tail
+        assert tail is not None
+        filled = self._tail_filled
+        taken = min(len(raw), len(tail) - filled)
+        self._tail_view[filled : filled + taken] = raw[:taken]
+        self._tail_filled = filled + taken
+        if self._tail_filled == len(tail):
+            self._finish_tail()
+        return taken
+
+    def _finish_tail(self) -> None:
+        """The detached payload is whole: decode its frame's head and keep the frame ready."""
+        tail = self._tail
+        assert tail is not None
+        try:
+            # The head with an empty binary in the payload's place: every rule is checked
+            # by the one decoder (the payload's length was checked when it was detached).
+            value = _decode(self._tail_head + b"\xc4\x00", self._limits)
+        except WireFormatError as exc:
+            raise self._fail(str(exc)) from None
+        assert type(value) is dict  # a fixmap, checked by _bin_tail
+        value[self._tail_key.decode()] = tail  # the key decoded above: valid UTF-8
+        self._ready = value
+        self._ready_bytes = len(tail)
+        self._tail = None
+        self._tail_view.release()
+        self._tail_filled = 0
+        self._probe = True
+
+    def _detach(self) -> None:
+        """
+        If the frame at the front is incomplete and ends in a binary of at least
+        ``detach_bin_bytes`` (S5-18), move its payload to a buffer of its own.
+        """
+        threshold = self._detach_bytes
+        start = self._start
+        new_payload = _new_payload
+        if threshold is None or new_payload is None or self._end - start < FRAME_HEADER_SIZE:
+            return
+        buffer = self._buffer
+        (length,) = _HEADER.unpack_from(buffer, start)
+        body = start + FRAME_HEADER_SIZE
+        if length < threshold or body + length <= self._end:
+            return
+        with memoryview(buffer) as view, view[body : self._end] as here:
+            found = _bin_tail(here, length)
+            if found is None:
+                return
+            head_end, offset, size, key = found
+            if size < threshold or size > min(self._limits.max_bin_len, _MAX_DETACH_BYTES):
+                # Too small to pay; or refused by the ordinary path; or larger than a
+                # payload may reserve before its bytes arrive.
+                return
+            self._tail_head = bytes(here[:head_end])
+            tail, tail_view = new_payload(size)
+            taken = len(here) - offset
+            tail_view[:taken] = here[offset:]
+        self._tail = tail
+        self._tail_view = tail_view
+        self._tail_filled = taken
+        self._tail_key = key
+        # The frame was the last thing buffered: the buffer is empty now, and the next frame
+        # header comes right after the payload.
+        self._scanned = self._start = self._end = 0
+        if len(buffer) > _KEEP_CAPACITY:
+            self._buffer = bytearray()
 
     def next_frame(self) -> object:
         """
@@ -735,6 +964,17 @@ class FrameDecoder:
                 decoder already failed.
         """
         self._check_broken()
+        ready = self._ready
+        if ready is not NEED_DATA:
+            self._ready = NEED_DATA
+            self._ready_bytes = 0
+            return ready
+        if self._tail is not None:
+            if self._eof:
+                raise self._fail(
+                    f"truncated frame: EOF after {self._tail_filled} bytes of a detached payload"
+                )
+            return NEED_DATA
         buffer = self._buffer
         start = self._start
         available = self._end - start
@@ -763,4 +1003,6 @@ class FrameDecoder:
             if available == 0:
                 return CLOSED
             raise self._fail(f"truncated frame: EOF after {available} bytes of a frame")
+        if self._detach_bytes is not None:
+            self._detach()
         return NEED_DATA

@@ -72,6 +72,7 @@ __all__ = [
     "decode_server",
     "encode_chunk_frame",
     "encode_data_frame",
+    "encode_data_frame_head",
     "encode_message",
     "error_kind",
 ]
@@ -486,9 +487,23 @@ def encode_data_frame(
     Raises:
         WireFormatError: the frame would be longer than the default frame limit.
     """
-    size = len(data)
+    return [encode_data_frame_head(request_id, len(data)), data]
+
+
+def encode_data_frame_head(request_id: int, size: int) -> bytes:
+    """
+    The head of `encode_data_frame`'s frame for a payload of ``size`` bytes: the length
+    prefix and the map up to the binary header. The head followed by exactly ``size``
+    payload bytes (from anywhere, e.g. a file through ``os.sendfile``) is the frame of
+    ``Data(id=request_id, data=payload)`` (S5-16).
+
+    Raises:
+        WireFormatError: the frame would be longer than the default frame limit.
+    """
     head = b"\x84" + _ID_KEY + packb(request_id) + _END_KEY + b"\xc2" + _DATA_HEAD
-    return _stream_frame(head + _bin_header(size), [data], size)
+    (prefixed,) = _stream_frame(head + _bin_header(size), [], size)
+    assert isinstance(prefixed, bytes)
+    return prefixed
 
 
 # --- hot paths -------------------------------------------------------------------------------

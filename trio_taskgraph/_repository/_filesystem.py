@@ -399,6 +399,19 @@ class _FileChunks:
     def __aiter__(self) -> _FileChunks:
         return self
 
+    def fileno(self) -> int:
+        """
+        The open blob file's descriptor, for a caller that sends the file itself (the cache
+        server's ``os.sendfile``). Valid only inside the ``async with`` block; the blob is
+        published, so its bytes never change. Reading it moves no iterator position here.
+
+        Raises:
+            RepositoryError: the block has exited (the descriptor is closed).
+        """
+        if self.closed:
+            raise RepositoryError("the blob stream was used after its `async with` block")
+        return self._fd
+
     async def __anext__(self) -> bytes:
         if self.closed:
             # The descriptor is closed and its number may already name another file.
