@@ -20,6 +20,7 @@ import trio_taskgraph as tg
 from tests.strategies import ref_trees, wire_values
 from tests.typed_hypothesis import given
 from trio_taskgraph import wire
+from trio_taskgraph._core import _codec
 from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder, encode_frame
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -829,6 +830,26 @@ def test_detached_payloads_decode_as_the_ordinary_path(
     assert got == ordinary == values
     assert all(type(v.get("data", b"")) is bytes for v in got if isinstance(v, dict))
     assert detaching.buffered_bytes == 0
+
+
+def test_without_the_bytes_allocator_nothing_is_detached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S5-18: where the uninitialised-bytes allocator is unavailable (not CPython, or its
+    import-time self-check failed), a detaching decoder takes the ordinary path: whole
+    receive buffers, the same frames, bytes payloads."""
+    monkeypatch.setattr(_codec, "_new_payload", None)
+    values = _stream_frame_values([70_000, 1, 300_000, 5000])
+    data = b"".join(encode_frame(v) for v in values)
+    decoder = FrameDecoder(detach_bin_bytes=4096)
+    decoder.receive_data(data[:100])  # the first frame's head: a detaching decoder would
+    assert decoder.next_frame() is NEED_DATA  # lend a payload-sized view next
+    with decoder.receive_buffer(1 << 20) as view:
+        assert len(view) == 1 << 20
+        view[: len(data) - 100] = data[100:]
+    decoder.commit_received(len(data) - 100)
+    got = [decoder.next_frame() for _ in values]
+    assert got == values
+    assert decoder.next_frame() is NEED_DATA
+    assert decoder.buffered_bytes == 0
 
 
 def test_detached_payload_is_received_into_its_own_buffer() -> None:
