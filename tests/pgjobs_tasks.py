@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import trio
 
@@ -39,10 +39,10 @@ class Record(tg.Task):
     """Logs its start and end, sleeps ``sleep`` seconds (its work) in between."""
 
     type = "pgjobs.Record"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"n": {"type": "integer"}, "log": {"type": "string"}, "sleep": {}}
     }
-    output_schema: Mapping[str, object] = {"properties": {"n": {}, "pid": {}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"n": {}, "pid": {}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         n, sleep = inputs["n"], inputs.get("sleep", 0)
@@ -57,8 +57,8 @@ class Tiny(tg.Task):
     """Does nothing: the benchmark's job."""
 
     type = "pgjobs.Tiny"
-    input_schema: Mapping[str, object] = {"properties": {"n": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {"properties": {"n": {}}}
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"n": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"n": {}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         await trio.lowlevel.checkpoint()
@@ -69,8 +69,8 @@ class Flaky(tg.Task):
     """Fails on its first attempt (OSError, retryable), succeeds on the next."""
 
     type = "pgjobs.Flaky"
-    input_schema: Mapping[str, object] = {"properties": {"log": {"type": "string"}}}
-    output_schema: Mapping[str, object] = {"properties": {"pid": {}}}
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"log": {"type": "string"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"pid": {}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         path = inputs["log"]
@@ -91,8 +91,8 @@ class Blocks(tg.Task):
 
     type = "pgjobs.Blocks"
     cacheable = True
-    input_schema: Mapping[str, object] = {"properties": {"blocks": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"blocks": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}, "pid": {}}
     }
 
@@ -110,8 +110,8 @@ class Forever(tg.Task):
     """Logs its start, then waits until cancelled (logs that too)."""
 
     type = "pgjobs.Forever"
-    input_schema: Mapping[str, object] = {"properties": {"log": {"type": "string"}}}
-    output_schema: Mapping[str, object] = {"properties": {"x": {}}}
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"log": {"type": "string"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"x": {}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         _log(inputs["log"], f"start {os.getpid()}")
@@ -129,8 +129,8 @@ class Planted(tg.Task):
     """
 
     type = "pgjobs.Planted"
-    input_schema: Mapping[str, object] = {"properties": {}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}, "meta": {}}
     }
 

@@ -280,8 +280,10 @@ async def test_sending_past_the_credit_is_a_protocol_violation(server: ServerPro
         with trio.fail_after(10):
             replies = await raw.receive_until_closed()
         assert replies
-        assert replies[-1].id == -1
-        assert "credit" in replies[-1].message
+        last = replies[-1]
+        assert isinstance(last, Failed)
+        assert last.id == -1
+        assert "credit" in last.message
     assert _temp_files(server.root) == []
 
 

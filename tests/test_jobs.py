@@ -22,7 +22,7 @@ import trio.testing
 
 import trio_taskgraph as tg
 from trio_taskgraph import wire
-from trio_taskgraph._jobs import JobWork
+from trio_taskgraph._jobs import JobRunner, JobWork
 
 # --- tasks ----------------------------------------------------------------------------------
 
@@ -31,8 +31,8 @@ BIN_OUT: dict[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
 
 class Echo(tg.Task):
     type = "test_jobs.Echo"
-    input_schema: Mapping[str, object] = {"properties": {"x": {}}}
-    output_schema: Mapping[str, object] = {"properties": {"x": {}}}
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"x": {}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"x": {}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         await trio.lowlevel.checkpoint()
@@ -47,8 +47,8 @@ class Gate(tg.Task):
     """Parks until ``GATES[name]`` is set; logs start/end."""
 
     type = "test_jobs.Gate"
-    input_schema: Mapping[str, object] = {"properties": {"name": {"type": "string"}}}
-    output_schema: Mapping[str, object] = {"properties": {"name": {"type": "string"}}}
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"name": {"type": "string"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"name": {"type": "string"}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         name = inputs["name"]
@@ -68,10 +68,12 @@ class Flaky(tg.Task):
     """Fails with OSError the first ``fail`` times (per ``key``), then succeeds."""
 
     type = "test_jobs.Flaky"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"key": {"type": "string"}, "fail": {"type": "integer"}}
     }
-    output_schema: Mapping[str, object] = {"properties": {"attempts": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
+        "properties": {"attempts": {"type": "integer"}}
+    }
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         key, fail = inputs["key"], inputs["fail"]
@@ -86,7 +88,7 @@ class Flaky(tg.Task):
 
 class Refuse(tg.Task):
     type = "test_jobs.Refuse"
-    output_schema: Mapping[str, object] = {"properties": {"x": {}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"x": {}}}
 
     async def execute(self, inputs: Mapping[str, object], ctx: tg.TaskContext) -> dict[str, object]:
         FLAKY["refuse"] = FLAKY.get("refuse", 0) + 1
@@ -97,8 +99,8 @@ class Chatty(tg.Task):
     """Streams text, an object, binary chunks and a phase."""
 
     type = "test_jobs.Chatty"
-    input_schema: Mapping[str, object] = {"properties": {"n": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"n": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {
             "log": {"type": "string", "x-stream": "append"},
             "state": {"x-stream": "object"},
@@ -123,8 +125,8 @@ class Blobby(tg.Task):
     """Returns ``size`` bytes at one blob port."""
 
     type = "test_jobs.Blobby"
-    input_schema: Mapping[str, object] = {"properties": {"size": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"size": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary"}, "note": {}}
     }
 
@@ -136,7 +138,7 @@ class Blobby(tg.Task):
 
 class TwoBlobs(tg.Task):
     type = "test_jobs.TwoBlobs"
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"a": {"x-stream": "binary"}, "b": {"x-stream": "binary"}}
     }
 
@@ -148,10 +150,10 @@ class BigStream(tg.Task):
     """Cacheable: streams ``size`` bytes of `_pattern` blocks at one binary port."""
 
     type = "test_jobs.BigStream"
-    input_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"size": {"type": "integer"}, "chunk": {"type": "integer"}}
     }
-    output_schema: Mapping[str, object] = {
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"data": {"x-stream": "binary", "format": "binary"}}
     }
     cacheable = True
@@ -174,8 +176,8 @@ class BigStream(tg.Task):
 
 class Upper(tg.Task):
     type = "test_jobs.Upper"
-    input_schema: Mapping[str, object] = {"properties": {"x": {"type": "string"}}}
-    output_schema: Mapping[str, object] = {
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"x": {"type": "string"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {
         "properties": {"x": {"type": "string"}, "raw": {"x-stream": "binary"}}
     }
 
@@ -599,8 +601,8 @@ class Burst(tg.Task):
     """Yields ``n`` 1 KiB chunks without ever awaiting."""
 
     type = "test_jobs.Burst"
-    input_schema: Mapping[str, object] = {"properties": {"n": {"type": "integer"}}}
-    output_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
+    input_schema: ClassVar[Mapping[str, object]] = {"properties": {"n": {"type": "integer"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"data": {"x-stream": "binary"}}}
 
     async def execute_stream(
         self, inputs: Mapping[str, object], ctx: tg.TaskContext
@@ -652,7 +654,9 @@ async def test_a_subscriber_that_keeps_up_is_never_dropped(lossy: bool) -> None:
         output = await handle.result()
     chunks = [e for e in got if isinstance(e, tg.BinaryDelta)]
     assert len(chunks) == 500
-    assert b"".join(bytes(c.chunk) for c in chunks) == bytes(output["data"].data)  # type: ignore[union-attr]
+    data = output["data"]
+    assert isinstance(data, tg.Blob)
+    assert b"".join(bytes(c.chunk) for c in chunks) == bytes(data.data)
     assert queue.statistics().subscribers_dropped == 0
 
 
@@ -740,9 +744,7 @@ async def test_open_output_stream_of_failed_or_cancelled_job() -> None:
             await _read_all(cancelled)
 
 
-def _cache_runner(
-    size: int, chunk: int = 1 << 20, *, gate: trio.Event | None = None
-) -> Callable[[JobWork, Callable[[tg.StreamEvent], None]], object]:
+def _cache_runner(size: int, chunk: int = 1 << 20, *, gate: trio.Event | None = None) -> JobRunner:
     """A stand-in for the runner: streams ``size`` bytes into the run's cache, returns the ref."""
 
     async def runner(work: JobWork, emit: Callable[[tg.StreamEvent], None]) -> dict[str, object]:
@@ -762,7 +764,7 @@ def _cache_runner(
         ref = await cache.save_output_stream("test_jobs.Blobby", {}, "data", chunks())
         return {"data": ref, "note": "big"}
 
-    return runner  # type: ignore[return-value]
+    return runner
 
 
 def _expected_digest(size: int, chunk: int = 1 << 20) -> str:
@@ -1156,7 +1158,7 @@ class FrozenBurst(tg.Task):
 
 class Uncopyable(tg.Task):
     type = "test_jobs.Uncopyable"
-    output_schema: Mapping[str, object] = {"properties": {"data": {"x-stream": "binary"}}}
+    output_schema: ClassVar[Mapping[str, object]] = {"properties": {"data": {"x-stream": "binary"}}}
 
     def __copy__(self) -> Uncopyable:
         raise TypeError("no copies")

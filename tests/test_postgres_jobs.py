@@ -30,7 +30,7 @@ from tests import pgjobs_tasks as tasks
 from trio_taskgraph._core._jobs import JobEvent, RetryPolicy
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Set as AbstractSet
 
 ROOT = Path(__file__).resolve().parent.parent
 LEASE = 1.0
@@ -94,7 +94,7 @@ async def _wait_for_line(path: Path, prefix: str, *, timeout: float = 20) -> str
     return line
 
 
-def _check_runs(path: Path, killed: set[str] = frozenset()) -> dict[str, list[str]]:
+def _check_runs(path: Path, killed: AbstractSet[str] = frozenset()) -> dict[str, list[str]]:
     """
     Read a start/end log: per job, the pids that ran it to the end. Fails if two runs of a
     job ever overlapped (a second ``start`` before the first run's ``end`` or kill).

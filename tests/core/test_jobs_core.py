@@ -9,8 +9,9 @@ import itertools
 
 import attrs
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import strategies as st
 
+from tests.typed_hypothesis import given
 from trio_taskgraph import (
     BinaryDelta,
     Finish,
@@ -38,7 +39,8 @@ from trio_taskgraph._core._jobs import (
 
 def test_states_compare_to_their_strings() -> None:
     """S8-1: ``handle.state == "pending"`` holds (StrEnum)."""
-    assert JobState.PENDING == "pending"
+    state: str = JobState.PENDING  # what a caller holds: a str
+    assert state == "pending"
     assert {s.value for s in JobState} == {
         "pending",
         "running",

@@ -8,6 +8,7 @@ cancellable waits for a connection, and several repositories (processes) at once
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 import threading
@@ -17,9 +18,10 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, settings, strategies as st
 
 import trio_taskgraph as tg
+from tests.typed_hypothesis import given
 from trio_taskgraph._repository import _postgres
 from trio_taskgraph.testing import (
     CONTRACT_CHECKS,
@@ -274,7 +276,8 @@ async def test_failed_commit_leaves_nothing(
     repo = tg.PostgresOutputRepository(postgres_dsn)
     await repo.stats()
     # A record whose name collides with the next save's fails its INSERT at commit time.
-    monkeypatch.setattr(_postgres.secrets, "token_hex", lambda n: "a" * (2 * n))
+    # The very module `_postgres` draws its names from (it calls ``secrets.token_hex``).
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "a" * (2 * n))
     first = await repo.save_output_stream("t", {}, "out", _stream(b"first"))
     with pytest.raises(tg.RepositoryError, match="database error"):
         await repo.save_output_stream("t", {}, "out", _stream(b"x" * 100_000))
@@ -521,7 +524,7 @@ async def test_prune_waits_for_a_row_being_saved(postgres_dsn: str) -> None:
     ref = await repo.save_output_stream("t", {}, "out", _stream(b"kept"))
     import psycopg
 
-    saver = await trio.to_thread.run_sync(psycopg.connect, postgres_dsn)
+    saver = await trio.to_thread.run_sync(lambda: psycopg.connect(postgres_dsn))
     try:
         # Stand in for a save_output of another process, paused just before its commit.
         await trio.to_thread.run_sync(
