@@ -11,7 +11,7 @@ import math
 import shutil
 import signal
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 import trio_taskgraph as tg
+from tests.polling import wait_until
 from trio_taskgraph._cache_server import CacheServer, prepare_socket_path
 from trio_taskgraph._core._codec import encode_frame, packb
 from trio_taskgraph._core._keys import input_digest as tg_input_digest
@@ -342,19 +343,9 @@ async def test_cancelled_upload_leaves_no_temp_file(tmp_path: Path) -> None:
         assert _temp_files(root) == []
 
 
-async def _wait_for(condition: Callable[[], bool]) -> None:
-    """
-    Poll ``condition`` on the real clock: what we wait for is file work in the server's
-    worker threads, which no trio test primitive can observe.
-    """
-    with trio.fail_after(10):
-        while not condition():  # noqa: ASYNC110 - thread work sets no trio.Event
-            await trio.sleep(0.002)
-
-
 async def _wait_quiet(server: CacheServer) -> None:
     """Wait until the server has no open request (its uploads have cleaned up)."""
-    await _wait_for(lambda: not server.statistics().requests)
+    await wait_until(lambda: not server.statistics().requests, "the server to finish every request")
 
 
 async def test_upload_whose_connection_drops_leaves_no_temp_file(tmp_path: Path) -> None:
@@ -455,7 +446,10 @@ async def test_slow_reader_does_not_make_the_server_buffer_the_blob(tmp_path: Pa
                     # would show it), then check that the server holds nothing: over a
                     # socket it sends the blob file with os.sendfile, so no chunk passes
                     # through its memory (S5-16).
-                    await _wait_for(lambda: repo.statistics().buffered_bytes >= window)
+                    await wait_until(
+                        lambda: repo.statistics().buffered_bytes >= window,
+                        "the client to buffer a whole window",
+                    )
                     await trio.testing.wait_all_tasks_blocked()
                     assert repo.statistics().buffered_bytes == window
                     assert server.statistics().buffered_bytes == 0
@@ -560,10 +554,8 @@ async def test_sigterm_finishes_in_flight_requests(short_dir: Path) -> None:
                     return True
                 return False
 
-            with trio.fail_after(10):
-                # New requests are refused once the server has handled the signal.
-                while not await refused_yet():  # noqa: ASYNC110 - another process's signal
-                    await trio.sleep(0.01)
+            # New requests are refused once the server (another process) handled the signal.
+            await wait_until(refused_yet, "new requests to be refused", interval=0.01)
             assert "shutting down" in refused[0]
             go_on.set()
         assert refs
@@ -807,7 +799,9 @@ async def test_a_cancelled_reader_gets_cancelled_even_with_chunks_waiting(
     async with tg.connect_cache_server(server.socket_path, namespace="cancel-read") as repo:
         ref = await repo.save_output_stream("t", {}, "p", _chunks(4, 100_000))
         async with repo.open_output_stream_by_ref(ref) as chunks:
-            await _wait_for(lambda: repo.statistics().buffered_bytes > 0)
+            await wait_until(
+                lambda: repo.statistics().buffered_bytes > 0, "the client to buffer a chunk"
+            )
             with trio.CancelScope() as scope:
                 scope.cancel()
                 await chunks.__anext__()

@@ -18,13 +18,14 @@ import trio
 import trio.testing
 
 import trio_taskgraph as tg
+from tests.polling import wait_until
 from trio_taskgraph._cache_server import CacheServer, _Download, send_file, send_file_frames
 from trio_taskgraph._core._messages import Abort, Data, Ok, ReadStream, ServerStats
 
 from .server_harness import RawClient, in_process_server
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator
 
 MiB = 1024 * 1024
 #: A frame larger than what a Unix socket holds in flight (the server asks for a 2 MiB send
@@ -45,13 +46,6 @@ def _pending(stream: trio.SocketStream) -> int:
     return int(count)
 
 
-async def _wait_for(condition: Callable[[], bool]) -> None:
-    """Poll on the real clock: the server's sendfile runs in a worker thread."""
-    with trio.fail_after(10):
-        while not condition():  # noqa: ASYNC110 - thread work sets no trio.Event
-            await trio.sleep(0.002)
-
-
 def _the_download(server: CacheServer) -> _Download:
     (conn,) = server._connections
     (entry,) = [e for e in conn.requests.values() if isinstance(e, _Download)]
@@ -62,11 +56,11 @@ async def _park_mid_frame(server: CacheServer, raw: RawClient, ref: tg.CacheRef)
     """Open a download of a BIG-chunk blob and let the server stall inside its first frame."""
     await raw.send(ReadStream(id=1, ns="default", ref=ref))
     assert await raw.receive() == Ok(id=1, value=None)
-    await _wait_for(lambda: _pending(raw.stream) > MiB)
+    await wait_until(lambda: _pending(raw.stream) > MiB, "over 1 MiB unread in the socket")
     download = _the_download(server)
     # The client reads nothing and the frame is larger than the socket holds: the server
     # is inside the frame and cannot finish it.
-    await _wait_for(lambda: download.in_frame)
+    await wait_until(lambda: download.in_frame, "a sendfile run to be mid-frame")
     await trio.testing.wait_all_tasks_blocked()
     assert download.in_frame
     return download
@@ -110,7 +104,7 @@ async def test_abort_mid_frame_waits_for_the_frame_and_keeps_the_connection(
         async with RawClient.connect(sock) as raw:
             download = await _park_mid_frame(server, raw, ref)
             await raw.send(Abort(id=1))
-            await _wait_for(lambda: download.aborted)
+            await wait_until(lambda: download.aborted, "the server to see the abort")
             await trio.testing.wait_all_tasks_blocked()
             assert download.in_frame  # still sending the frame: not cut
             frame = await raw.receive()
@@ -122,7 +116,9 @@ async def test_abort_mid_frame_waits_for_the_frame_and_keeps_the_connection(
             # No second data frame and no end: the aborted download sent nothing more.
             assert reply is not None
             assert getattr(reply, "id", None) == 2, reply
-            await _wait_for(lambda: server.statistics().requests == 0)
+            await wait_until(
+                lambda: server.statistics().requests == 0, "the server to finish every request"
+            )
             await trio.testing.wait_all_tasks_blocked()
             assert _pending(raw.stream) == 0  # nothing more came for the download
 

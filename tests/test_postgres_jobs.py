@@ -27,6 +27,7 @@ import trio.testing
 
 import trio_taskgraph as tg
 from tests import pgjobs_tasks as tasks
+from tests.polling import wait_until
 from trio_taskgraph._core._jobs import JobEvent, RetryPolicy
 
 if TYPE_CHECKING:
@@ -86,12 +87,17 @@ def _find_line(path: Path, prefix: str) -> str | None:
 
 
 async def _wait_for_line(path: Path, prefix: str, *, timeout: float = 20) -> str:
-    # Another process writes the log: polled, with a deadline.
-    with trio.fail_after(timeout):
-        # A trio.Event cannot cross processes: the file is all there is.
-        while (line := _find_line(path, prefix)) is None:  # noqa: ASYNC110
-            await trio.sleep(0.02)
-    return line
+    # Another process writes the log: the file is all there is to watch.
+    found: list[str] = []
+
+    def seen() -> bool:
+        line = _find_line(path, prefix)
+        if line is not None:
+            found.append(line)
+        return line is not None
+
+    await wait_until(seen, f"a {prefix!r} line in {path.name}", timeout=timeout, interval=0.02)
+    return found[0]
 
 
 def _check_runs(path: Path, killed: AbstractSet[str] = frozenset()) -> dict[str, list[str]]:

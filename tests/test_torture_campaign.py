@@ -42,6 +42,7 @@ import trio
 import trio_taskgraph as tg
 import trio_taskgraph._stream_processor as sp
 from tests.graph_tasks import Join, Relay
+from tests.polling import wait_until
 from tests.server_harness import in_process_server
 from trio_taskgraph import BytesLike
 from trio_taskgraph._cache_server import CacheServer
@@ -67,16 +68,6 @@ def _pick(variants: Sequence[T], every: int = 1 << 30) -> Sequence[T]:
 def _temp_files(root: Path) -> list[str]:
     blobs = root / "blobs"
     return sorted(p.name for p in blobs.glob("*.tmp")) if blobs.exists() else []
-
-
-async def _wait_for(condition: Callable[[], bool]) -> None:
-    """
-    Poll ``condition`` on the real clock: the cache server's file work happens in worker
-    threads that no trio test primitive observes.
-    """
-    with trio.fail_after(10):
-        while not condition():  # noqa: ASYNC110 - thread work sets no trio.Event
-            await trio.sleep(0.001)
 
 
 # --- byte channels (S2) ----------------------------------------------------------------------
@@ -629,7 +620,9 @@ class ServerScenario:
         with trio.CancelScope(shield=True):
             if self.server is not None:
                 server = self.server
-                await _wait_for(lambda: not server.statistics().requests)
+                await wait_until(
+                    lambda: not server.statistics().requests, "the server to finish every request"
+                )
                 assert server.statistics().buffered_bytes == 0
             if isinstance(self.repo, tg.CacheServerRepository):
                 stats = self.repo.statistics()

@@ -21,6 +21,7 @@ import trio.testing
 from hypothesis import HealthCheck, settings, strategies as st
 
 import trio_taskgraph as tg
+from tests.polling import wait_until
 from tests.typed_hypothesis import given
 from trio_taskgraph._repository import _postgres
 from trio_taskgraph.testing import (
@@ -84,13 +85,9 @@ async def _sessions(dsn: str) -> int:
 
 
 async def _poll_server(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Wait (bounded) for the server, another process, to reach a state no trio event can
-    announce: a dropped session, a lock wait."""
-    for _ in range(600):
-        if await condition():
-            return
-        await trio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    """Wait for the server, another process, to reach a state no trio event can announce:
+    a dropped session, a lock wait."""
+    await wait_until(condition, what, timeout=30, interval=0.05)
 
 
 # --- the contract ---------------------------------------------------------------------------
