@@ -572,14 +572,18 @@ async def test_execute_returning_a_non_mapping_fails_the_task() -> None:
     assert "mapping, not list" in str(info.value.__cause__)
 
 
-class FailingSaveRepo:
-    """A memory repository whose save_output fails (after blobs were streamed)."""
+class OverMemory:
+    """A memory repository behind a wrapper: subclasses override the methods they change."""
 
     def __init__(self) -> None:
         self.inner = tg.MemoryOutputRepository()
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
+
+
+class FailingSaveRepo(OverMemory):
+    """A memory repository whose save_output fails (after blobs were streamed)."""
 
     async def save_output(self, task_type: str, inputs: object, output: object) -> None:
         await trio.lowlevel.checkpoint()
@@ -803,14 +807,8 @@ async def test_orphan_cleanup_through_a_run_private_repository(tmp_path: Path) -
         await backing.aclose()
 
 
-class NoStreaming:
+class NoStreaming(OverMemory):
     """A repository without streaming saves (rows only, like a JSON-row backing)."""
-
-    def __init__(self) -> None:
-        self.inner = tg.MemoryOutputRepository()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
     def supports_streaming(self) -> bool:
         return False
@@ -833,14 +831,8 @@ async def test_non_streaming_cache_round_trips_inline_binary() -> None:
     assert tg.TaskStatus(state="cached") in [e.event for e in events]
 
 
-class SizelessRefs:
+class SizelessRefs(OverMemory):
     """A repository whose refs carry no size (a third-party sink that never sets it)."""
-
-    def __init__(self) -> None:
-        self.inner = tg.MemoryOutputRepository()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
     async def save_output_stream(
         self,
@@ -874,14 +866,8 @@ async def test_a_listener_that_raises_fails_the_node() -> None:
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
-class RefusingSink:
+class RefusingSink(OverMemory):
     """A repository whose streaming save fails before reading a byte (EACCES)."""
-
-    def __init__(self) -> None:
-        self.inner = tg.MemoryOutputRepository()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
     async def save_output_stream(
         self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
@@ -1039,15 +1025,12 @@ async def test_hit_replays_an_inline_blob_to_consumers() -> None:
     assert sizes == [1000, 1000, 504]
 
 
-class StreamsWritesOnly:
+class StreamsWritesOnly(OverMemory):
     """Streaming saves, but reads only whole blobs (no streaming reads)."""
 
     def __init__(self) -> None:
-        self.inner = tg.MemoryOutputRepository()
+        super().__init__()
         self.whole_reads = 0
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
     def supports_streaming_reads(self) -> bool:
         return False
@@ -1120,14 +1103,8 @@ async def test_explicit_blob_with_no_chunks_is_replayed_to_stream_consumers() ->
     assert outs[i]["image"] == tg.Blob(b"e" * 2500, "image/png")
 
 
-class HandsBackAString:
+class HandsBackAString(OverMemory):
     """A broken third-party repository: its streamed save returns a str, not a CacheRef."""
-
-    def __init__(self) -> None:
-        self.inner = tg.MemoryOutputRepository()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
     async def save_output_stream(
         self, task_type: str, inputs: object, port: str, chunks: object, *, mime: object = None
