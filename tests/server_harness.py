@@ -29,6 +29,7 @@ from trio_taskgraph._core._messages import (
     Hello,
     ServerMessage,
     Welcome,
+    decode_client,
     decode_server,
     encode_message,
 )
@@ -192,3 +193,89 @@ class RawClient:
         while (message := await self.receive()) is not None:
             out.append(message)
         return out
+
+
+class ScriptedPeer:
+    """
+    The server end of one client connection, played by the test: `scripted_server` does
+    the handshake; the test reads the client's messages and answers (or not) as it likes.
+    """
+
+    def __init__(self) -> None:
+        self.stream: trio.SocketStream | None = None
+        self.decoder = FrameDecoder()
+        self.connected = trio.Event()
+
+    def _stream(self) -> trio.SocketStream:
+        assert self.stream is not None, "no client has connected"
+        return self.stream
+
+    async def receive(self) -> ClientMessage | None:
+        """The client's next message, or None once it closed the connection."""
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is CLOSED:
+                return None
+            if frame is NEED_DATA:
+                try:
+                    data = await self._stream().receive_some(1 << 20)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                self.decoder.receive_data(data)
+                continue
+            return decode_client(frame)
+
+    async def send(self, *messages: ServerMessage) -> None:
+        """Send ``messages`` in one write (the client may read them in one receive)."""
+        await self._stream().send_all(b"".join(encode_message(m) for m in messages))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self._stream().send_all(data)
+
+    async def aclose(self) -> None:
+        await self._stream().aclose()
+
+
+@asynccontextmanager
+async def scripted_server(
+    *, window: int = 1 << 20, chunk_bytes: int = 64 * 1024, max_in_flight: int = 16
+) -> AsyncIterator[tuple[str, ScriptedPeer]]:
+    """
+    A socket whose one client connection the test serves by hand: yields the socket path
+    and the `ScriptedPeer` (connected, handshake done, once ``peer.connected`` is set).
+    """
+    folder = short_tempdir()
+    path = os.path.join(folder, "s")
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    peer = ScriptedPeer()
+    try:
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def accept() -> None:
+            sock, _ = await listener.accept()
+            peer.stream = trio.SocketStream(sock)
+            hello = await peer.receive()
+            assert isinstance(hello, Hello), hello
+            await peer.send(
+                Welcome(
+                    version=PROTOCOL_VERSION,
+                    window=window,
+                    chunk_bytes=chunk_bytes,
+                    max_in_flight=max_in_flight,
+                )
+            )
+            peer.connected.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept)
+            try:
+                yield path, peer
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+        if peer.stream is not None:
+            with trio.CancelScope(shield=True):
+                await peer.stream.aclose()
+        shutil.rmtree(folder, ignore_errors=True)

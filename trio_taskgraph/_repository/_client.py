@@ -7,8 +7,10 @@ Theory of operation:
 - One connection per `connect_cache_server` (or `open_cache_server`) block: a handshake
   names the protocol version and the connection's namespace, then requests flow with ids
   chosen here, never reused, so many tasks share the connection and replies never cross
-  (S5-8). One reader task (in the block's nursery) decodes every frame and hands it to the
-  request it names; it never waits for anything but the socket.
+  (S5-8). One task at a time receives (S5-19): a caller whose reply is due and finds nobody
+  receiving reads the socket itself, handing frames for other requests to their callers;
+  the reader task (in the block's nursery) receives whenever a caller is parked behind
+  another or a stream is open. Receiving never waits for anything but the socket.
 - Namespaces: every request carries its namespace, which the server confines to the
   connection's namespace and those below it (S5-11). `with_namespace` returns a view on the
   same connection, so `RunPrivateRepository` (whose run namespaces sit below the backing's)
@@ -167,6 +169,11 @@ class _Request:
     opened: bool = False
     ended: bool = False
     chunks: collections.deque[bytes] = attrs.Factory(collections.deque)
+    # messages (or the connection's failure) dispatched to this request so far: a caller
+    # receiving for itself (S5-19) stops when this moves
+    news: int = 0
+    # tasks parked on ``lot`` that no message has woken yet (counted in `waiting`)
+    parked: int = 0
 
 
 @final
@@ -191,6 +198,13 @@ class _Connection:
         self.peak = 0
         self.decoded = 0
         self.reader_scope = trio.CancelScope()
+        # Invariant (S5-19): one task at a time receives from the socket. ``receiving``
+        # says one does; the reader task takes over whenever a caller is parked behind
+        # another (``waiting``) or a stream or a stalled send is open (``streams``).
+        self.receiving = False
+        self.waiting = 0
+        self.streams = 0
+        self.reader_lot = trio.lowlevel.ParkingLot()
 
     # -- failure --
 
@@ -206,6 +220,15 @@ class _Connection:
             if not request.done:
                 request.done = True
                 request.error = self.dead()
+            self._wake(request)
+        self.reader_lot.unpark_all()
+
+    def _wake(self, request: _Request) -> None:
+        """Tell ``request``'s caller something happened to it."""
+        request.news += 1
+        if request.parked:
+            self.waiting -= request.parked
+            request.parked = 0
             request.lot.unpark_all()
 
     def _add_buffered(self, delta: int) -> None:
@@ -250,9 +273,15 @@ class _Connection:
                     if checkpoint:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return
-                with trio.CancelScope(shield=True) as scope:
-                    scope.relative_deadline = SEND_TIMEOUT
-                    await write_rest(self.stream, rest)
+                # While we wait for room, someone must keep reading: a server can only
+                # take our bytes if its replies to us are taken (S5-19).
+                self.open_stream()
+                try:
+                    with trio.CancelScope(shield=True) as scope:
+                        scope.relative_deadline = SEND_TIMEOUT
+                        await write_rest(self.stream, rest)
+                finally:
+                    self.close_stream()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.fail(f"the cache server connection broke: {str(exc) or type(exc).__name__}")
                 raise self.dead() from None
@@ -270,21 +299,25 @@ class _Connection:
 
     # -- receiving --
 
-    async def receive(self) -> object:
-        """The next server message (used by the handshake and the reader)."""
+    def _next_buffered(self) -> object:
+        """The next whole frame already received, or `NEED_DATA`; counts buffered bytes."""
         decoder = self.decoder
+        frame = decoder.next_frame()
+        held = decoder.buffered_bytes
+        if held != self.decoded:
+            self._add_buffered(held - self.decoded)
+            self.decoded = held
+        if frame is CLOSED:
+            raise CacheServerError("the cache server closed the connection")
+        return frame
+
+    async def receive(self) -> object:
+        """The next server message (used by the handshake and by whoever receives)."""
         while True:
-            frame = decoder.next_frame()
-            held = decoder.buffered_bytes
-            if held != self.decoded:
-                self._add_buffered(held - self.decoded)
-                self.decoded = held
-            if frame is NEED_DATA:
-                await receive_into(self.stream, decoder, _RECEIVE_BYTES)
-                continue
-            if frame is CLOSED:
-                raise CacheServerError("the cache server closed the connection")
-            return decode_server(frame)
+            frame = self._next_buffered()
+            if frame is not NEED_DATA:
+                return decode_server(frame)
+            await receive_into(self.stream, self.decoder, _RECEIVE_BYTES)
 
     async def handshake(self) -> None:
         await self.send(Hello(version=PROTOCOL_VERSION, namespace=self.namespace))
@@ -300,20 +333,88 @@ class _Connection:
         self.chunk_bytes = reply.chunk_bytes
         self.limiter.total_tokens = reply.max_in_flight
 
+    async def _pump(self, more: Callable[[], bool]) -> None:
+        """
+        Receive and dispatch messages while ``more()``, then those already received; the
+        caller holds ``receiving``. A broken connection or a server breaking the rules
+        fails the connection (every request wakes with `CacheServerError`); only a
+        cancellation leaves, and it leaves every received byte in the decoder.
+        """
+        try:
+            while more():
+                self._dispatch(await self.receive())
+            # Replies that came in the same read go to their callers now, not after
+            # another wake-up of whoever receives next.
+            while (frame := self._next_buffered()) is not NEED_DATA:
+                self._dispatch(decode_server(frame))
+        except CacheServerError as exc:
+            self.fail(str(exc))
+        except WireFormatError as exc:
+            self.fail(f"the cache server broke the wire rules: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.fail(f"the cache server connection broke: {str(exc) or type(exc).__name__}")
+
+    def _reader_wanted(self) -> bool:
+        return bool(self.waiting or self.streams) and self.failure is None
+
     async def reader(self) -> None:
-        """Dispatch every frame to its request until the connection ends; never raises."""
+        """
+        Receive for others (S5-19): whenever a caller is parked behind the one receiving,
+        or a stream or a stalled send is open. Runs until the connection ends; never raises.
+        """
         with self.reader_scope:
-            try:
-                while True:
-                    self._dispatch(await self.receive())
-            except CacheServerError as exc:
-                self.fail(str(exc))
-            except WireFormatError as exc:
-                self.fail(f"the cache server broke the wire rules: {exc}")
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self.fail(f"the cache server connection broke: {str(exc) or type(exc).__name__}")
+            while self.failure is None:
+                if self.receiving or not self._reader_wanted():
+                    await self.reader_lot.park()
+                    continue
+                self.receiving = True
+                try:
+                    await self._pump(self._reader_wanted)
+                finally:
+                    self.receiving = False
         # Cancelled by aclose: the connection is closed.
         self.fail("the cache server connection is closed")
+
+    def open_stream(self) -> None:
+        """An upload, download or stalled send begins: the reader keeps receiving."""
+        self.streams += 1
+        if not self.receiving:
+            self.reader_lot.unpark_all()
+
+    def close_stream(self) -> None:
+        self.streams -= 1
+
+    async def wait(self, request: _Request) -> None:
+        """
+        Wait until something happens to ``request`` (a message for it, or the connection
+        failing): callers loop ``while not <condition>: await conn.wait(request)``.
+
+        Invariant (S5-19): if nobody is receiving, the caller receives for itself (and
+        dispatches what it reads for others) until its own message is in: a round trip
+        with nobody else waiting wakes the caller once, not the reader and then the caller.
+        Otherwise it parks, and the one receiving wakes it.
+        """
+        if self.failure is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        if self.receiving:
+            request.parked += 1
+            self.waiting += 1
+            try:
+                await request.lot.park()
+            finally:
+                if request.parked:  # cancelled before a message woke it
+                    request.parked -= 1
+                    self.waiting -= 1
+            return
+        self.receiving = True
+        news = request.news
+        try:
+            await self._pump(lambda: request.news == news)
+        finally:
+            self.receiving = False
+            if self._reader_wanted():
+                self.reader_lot.unpark_all()
 
     def _dispatch(self, message: object) -> None:
         if isinstance(message, Failed) and message.id == -1:
@@ -345,7 +446,7 @@ class _Connection:
             request.error = _error_from(message)
         else:
             raise CacheServerError(f"unexpected {type(message).__name__} after the handshake")
-        request.lot.unpark_all()
+        self._wake(request)
 
     # -- requests --
 
@@ -399,7 +500,7 @@ class _Connection:
             # is this call's checkpoint (a round trip is two wake-ups, not three).
             await self.send(build(request.id), checkpoint=False)
             while not request.done:
-                await request.lot.park()
+                await self.wait(request)
         finally:
             self.close_request(request)
         if request.error is not None:
@@ -436,7 +537,7 @@ class _Download:
         # send below is shielded, so it would not raise).
         await trio.lowlevel.checkpoint_if_cancelled()
         while not request.chunks and not request.ended and not request.done:
-            await request.lot.park()
+            await conn.wait(request)
         if request.chunks:
             chunk = request.chunks.popleft()
             conn._add_buffered(-len(chunk))
@@ -626,6 +727,7 @@ class CacheServerRepository:
             request = conn.open_request()
             request.credit = conn.window
             ended = False
+            conn.open_stream()
             try:
                 await conn.send(
                     SaveStream(id=request.id, ns=self._namespace, task_type=task_type, mime=mime)
@@ -651,7 +753,7 @@ class CacheServerRepository:
                         return
                     # Invariant (S5-9): never send past the server's credit.
                     while request.credit < size and not request.done:
-                        await request.lot.park()
+                        await conn.wait(request)
                     if not request.done:
                         request.credit -= size
                         await conn.send_parts(encode_chunk_frame(request.id, frame, size))
@@ -685,7 +787,7 @@ class CacheServerRepository:
                     await conn.send(EndStream(id=request.id))
                     ended = True
                     while not request.done:
-                        await request.lot.park()
+                        await conn.wait(request)
                 if request.error is not None:
                     raise request.error
                 if not ended:  # pragma: no cover - the server replied Ok before the end
@@ -694,6 +796,7 @@ class CacheServerRepository:
                 await self._abandon_upload(request, ended=ended)
                 raise
             finally:
+                conn.close_stream()
                 conn.close_request(request)
         ref = request.value
         if type(ref) is not CacheRef:
@@ -714,7 +817,7 @@ class CacheServerRepository:
         with trio.CancelScope(shield=True) as scope:
             scope.relative_deadline = SEND_TIMEOUT
             while not request.done:
-                await request.lot.park()
+                await conn.wait(request)
             ref = request.value
             if type(ref) is CacheRef:
                 ns = self._namespace
@@ -774,13 +877,14 @@ class CacheServerRepository:
             request = conn.open_request()
             request.download = True
             download = _Download(conn, request)
+            conn.open_stream()
             try:
                 try:
                     await conn.send(ReadStream(id=request.id, ns=self._namespace, ref=checked))
                 except WireFormatError:
                     raise ForeignRefError("a CacheRef the wire cannot carry") from None
                 while not request.opened and not request.done:
-                    await request.lot.park()
+                    await conn.wait(request)
                 if request.error is not None:
                     raise request.error
                 yield download
@@ -788,6 +892,7 @@ class CacheServerRepository:
                 download.closed = True
                 if not request.ended and not request.done:
                     await conn.abort(request)
+                conn.close_stream()
                 conn.close_request(request)
 
     async def delete_output_by_ref(self, ref: CacheRef) -> None:
