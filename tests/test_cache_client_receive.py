@@ -15,8 +15,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings, strategies as st
 
 from tests.server_harness import ScriptedPeer, in_process_server, scripted_server
 from tests.typed_hypothesis import given
@@ -93,7 +92,8 @@ async def test_a_receiving_caller_hands_other_callers_their_replies() -> None:
             second = await _next_get(peer)
             await trio.testing.wait_all_tasks_blocked()
             conn = _conn(repo)
-            assert conn.receiving and conn.waiting == 1  # a receives, b is parked
+            assert conn.receiving
+            assert conn.waiting == 1
             counter = StepCounter()
             trio.lowlevel.add_instrument(counter)
             await peer.send(
@@ -157,12 +157,15 @@ async def test_a_cancelled_receiving_caller_hands_receiving_to_the_reader(
             if partial_frame:
                 await peer.send_raw(b_reply[:7])
             await trio.testing.wait_all_tasks_blocked()
-            assert conn.receiving and conn.waiting == 1
+            assert conn.receiving
+            assert conn.waiting == 1
             a_scope.cancel()
             await trio.testing.wait_all_tasks_blocked()
-            assert "a" not in results and a_scope.cancelled_caught
+            assert "a" not in results
+            assert a_scope.cancelled_caught
             # The reader now receives for b.
-            assert conn.receiving and conn.waiting == 1
+            assert conn.receiving
+            assert conn.waiting == 1
             await peer.send_raw(b_reply[7:] if partial_frame else b_reply)
             await peer.send(Ok(id=first.id, value={"who": "a, too late"}))
         assert results == {"b": {"who": "b"}}
@@ -194,7 +197,8 @@ async def test_a_stalled_send_keeps_the_reader_receiving() -> None:
             async def serve() -> None:
                 await peer.send(*flood)  # returns only once the client has read most of it
                 message = await peer.receive()
-                assert isinstance(message, SaveOutput) and message.output == {"v": big}
+                assert isinstance(message, SaveOutput)
+                assert message.output == {"v": big}
                 await peer.send(Ok(id=message.id, value=None))
 
             nursery.start_soon(save)
@@ -227,7 +231,8 @@ async def test_the_server_closing_while_a_caller_receives_fails_every_caller() -
         with pytest.raises(CacheServerError, match="going away"):
             await repo.get_output("c", {})
         conn = _conn(repo)
-        assert not conn.receiving and conn.waiting == 0
+        assert not conn.receiving
+        assert conn.waiting == 0
 
 
 @settings(
