@@ -6,11 +6,14 @@ protocol client (h11's ConnectionPair idea: the real codec on both ends, no mock
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
@@ -224,6 +227,11 @@ class ScriptedPeer:
                 self.decoder.receive_data(data)
                 continue
             return decode_client(frame)
+
+    def pending(self) -> int:
+        """Bytes the client sent that the test has not read yet (FIONREAD, and decoded)."""
+        raw = fcntl.ioctl(self._stream().socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return int(struct.unpack("i", raw)[0]) + self.decoder.buffered_bytes
 
     async def send(self, *messages: ServerMessage) -> None:
         """Send ``messages`` in one write (the client may read them in one receive)."""

@@ -9,6 +9,7 @@ the test, not by timing.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -17,10 +18,28 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, settings, strategies as st
 
-from tests.server_harness import ScriptedPeer, in_process_server, scripted_server
+from tests.polling import wait_until
+from tests.server_harness import (
+    ScriptedPeer,
+    in_process_server,
+    scripted_server,
+    server_process,
+)
 from tests.typed_hypothesis import given
-from trio_taskgraph import CacheServerError, CacheServerRepository, connect_cache_server
-from trio_taskgraph._core._messages import Failed, GetOutput, Ok, SaveOutput, encode_message
+from trio_taskgraph import CacheRef, CacheServerError, CacheServerRepository, connect_cache_server
+from trio_taskgraph._core._messages import (
+    Abort,
+    Credit,
+    Data,
+    EndStream,
+    Failed,
+    GetOutput,
+    Ok,
+    ReadStream,
+    SaveOutput,
+    SaveStream,
+    encode_message,
+)
 from trio_taskgraph._repository._client import _Connection
 
 READER = "trio_taskgraph._repository._client._Connection.reader"
@@ -40,9 +59,13 @@ def _conn(repo: CacheServerRepository) -> _Connection:
     return repo._conn
 
 
-def _assert_idle(conn: _Connection) -> None:
-    """Nothing in flight, nobody receiving or parked, nothing buffered."""
+async def _assert_idle(conn: _Connection) -> None:
+    """Once every task has settled: nothing in flight, nobody receiving or parked,
+    nothing buffered."""
+    await trio.testing.wait_all_tasks_blocked()
     assert conn.requests == {}
+    assert conn.lingering == {}
+    assert conn.slots.value == conn.max_in_flight  # every slot back
     assert not conn.receiving
     assert conn.waiting == 0
     assert conn.streams == 0
@@ -73,7 +96,7 @@ async def test_a_lone_round_trip_is_received_by_its_caller(tmp_path: Path) -> No
         finally:
             trio.lowlevel.remove_instrument(counter)
         assert counter.steps.get(READER, 0) == 0
-        _assert_idle(_conn(repo))
+        await _assert_idle(_conn(repo))
 
 
 async def test_a_receiving_caller_hands_other_callers_their_replies() -> None:
@@ -103,7 +126,7 @@ async def test_a_receiving_caller_hands_other_callers_their_replies() -> None:
         trio.lowlevel.remove_instrument(counter)
         assert results == {"a": {"who": "a"}, "b": {"who": "b"}}
         assert counter.steps.get(READER, 0) == 0
-        _assert_idle(conn)
+        await _assert_idle(conn)
 
 
 async def test_replies_for_a_parked_caller_first_are_dispatched_by_the_receiving_one() -> None:
@@ -125,7 +148,7 @@ async def test_replies_for_a_parked_caller_first_are_dispatched_by_the_receiving
             assert _conn(repo).receiving  # a still receives for itself
             await peer.send(Ok(id=first.id, value={"who": "a"}))
         assert results == {"a": {"who": "a"}, "b": {"who": "b"}}
-        _assert_idle(_conn(repo))
+        await _assert_idle(_conn(repo))
 
 
 @pytest.mark.parametrize("partial_frame", [False, True])
@@ -175,7 +198,7 @@ async def test_a_cancelled_receiving_caller_hands_receiving_to_the_reader(
             third = await _next_get(peer)
             await peer.send(Ok(id=third.id, value={"who": "b again"}))
         assert results["b"] == {"who": "b again"}
-        _assert_idle(conn)
+        await _assert_idle(conn)
 
 
 async def test_a_stalled_send_keeps_the_reader_receiving() -> None:
@@ -204,7 +227,7 @@ async def test_a_stalled_send_keeps_the_reader_receiving() -> None:
             nursery.start_soon(save)
             nursery.start_soon(serve)
             await saved.wait()
-        _assert_idle(conn)
+        await _assert_idle(conn)
 
 
 async def test_the_server_closing_while_a_caller_receives_fails_every_caller() -> None:
@@ -233,6 +256,264 @@ async def test_the_server_closing_while_a_caller_receives_fails_every_caller() -
         conn = _conn(repo)
         assert not conn.receiving
         assert conn.waiting == 0
+
+
+async def test_part_of_a_frame_read_after_a_reply_is_finished_by_the_reader() -> None:
+    """S5-19: the receiving caller's read also brought the start of a later frame; once
+    the caller leaves, the reader reads the rest, so no half frame stays in the decoder."""
+    async with scripted_server() as (path, peer), connect_cache_server(path) as repo:
+        conn = _conn(repo)
+        late = encode_message(Ok(id=999, value={"pad": b"p" * 100}))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(repo.get_output, "a", {})
+            first = await _next_get(peer)
+            await peer.send_raw(encode_message(Ok(id=first.id, value=None)) + late[:10])
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.buffered == 10
+        assert conn.receiving  # the reader, waiting for the rest
+        await peer.send_raw(late[10:])
+        await trio.testing.wait_all_tasks_blocked()
+        await _assert_idle(conn)
+
+
+async def test_an_aborted_download_is_drained_so_the_server_finishes_it(tmp_path: Path) -> None:
+    """S5-19, S5-9, S5-10: a caller takes one chunk of a blob far larger than the socket
+    buffers, leaves the block (abort) and makes no further call: the reader still takes
+    (and drops) what the server had credit to send, so the server's download finishes and
+    nothing is left buffered on either side."""
+    window = 8 << 20
+    async with (
+        in_process_server(tmp_path / "root", window=window, chunk_bytes=1 << 20) as (server, sock),
+        connect_cache_server(sock) as repo,
+    ):
+        data = bytes(range(256)) * (96 << 12)  # 96 MiB
+        ref = await repo.save_output_stream("t", {}, "out", _one(data))
+        async with repo.open_output_stream_by_ref(ref) as chunks:
+            async for chunk in chunks:
+                assert chunk == data[: len(chunk)]
+                break
+        conn = _conn(repo)
+        await wait_until(
+            lambda: not server.statistics().requests, "the server to finish the aborted download"
+        )
+        await wait_until(lambda: not conn.lingering, "the client to take what was in flight")
+        await trio.testing.wait_all_tasks_blocked()
+        await _assert_idle(conn)
+        assert server.statistics().buffered_bytes == 0
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def test_a_server_sending_a_download_past_its_credit_is_dead() -> None:
+    """S5-9, S5-14: data beyond the credit the client granted breaks flow control: the
+    connection fails with `CacheServerError` naming it (the server is not trusted to be
+    right)."""
+    window = 64 * 1024
+    async with (
+        scripted_server(window=window, chunk_bytes=window) as (path, peer),
+        connect_cache_server(path) as repo,
+    ):
+        ref = CacheRef(ref="cache://x/default/y#z", size=3 * window)
+
+        failures: list[BaseException] = []
+
+        async def read() -> None:
+            try:
+                async with repo.open_output_stream_by_ref(ref) as chunks:
+                    async for _ in chunks:
+                        pass
+            except CacheServerError as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            message = await peer.receive()
+            assert isinstance(message, ReadStream)
+            await peer.send(Ok(id=message.id, value=None))
+            # The whole window, then a byte nothing granted, before the client takes any.
+            await peer.send(Data(id=message.id, data=b"a" * window), Data(id=message.id, data=b"b"))
+        assert len(failures) == 1
+        assert "past its credit" in str(failures[0])
+        with pytest.raises(CacheServerError, match="past its credit"):
+            await repo.get_output("a", {})
+
+
+async def test_credit_granted_for_a_download_is_counted() -> None:
+    """S5-9: the credit the client sends is what it lets the server send: data up to the
+    window plus every grant is accepted; the grants are what the caller took."""
+    window = 64 * 1024
+    async with (
+        scripted_server(window=window, chunk_bytes=window // 4) as (path, peer),
+        connect_cache_server(path) as repo,
+    ):
+        ref = CacheRef(ref="cache://x/default/y#z", size=2 * window)
+        got = bytearray()
+
+        async def read() -> None:
+            async with repo.open_output_stream_by_ref(ref) as chunks:
+                async for chunk in chunks:
+                    got.extend(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            message = await peer.receive()
+            assert isinstance(message, ReadStream)
+            await peer.send(Ok(id=message.id, value=None))
+            sent = 0
+            credit = window
+            while sent < 2 * window:
+                while credit >= window // 4 and sent < 2 * window:
+                    await peer.send(Data(id=message.id, data=b"c" * (window // 4)))
+                    credit -= window // 4
+                    sent += window // 4
+                if sent < 2 * window:
+                    grant = await peer.receive()
+                    assert isinstance(grant, Credit)
+                    assert grant.id == message.id
+                    credit += grant.n
+            await peer.send(Data(id=message.id, data=b"", end=True))
+        assert got == b"c" * (2 * window)
+        await _assert_idle(_conn(repo))
+
+
+async def test_a_cancelled_call_keeps_its_slot_until_its_reply() -> None:
+    """S5-8: the server counts a request until it has sent its reply, so a caller that
+    leaves first does not give its slot back: with one slot, the next call is not sent
+    until the late reply is in (sending it sooner would break the server's limit)."""
+    async with (
+        scripted_server(max_in_flight=1) as (path, peer),
+        connect_cache_server(path) as repo,
+    ):
+        conn = _conn(repo)
+        results: dict[str, object] = {}
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(repo.get_output, "a", {})
+                first = await _next_get(peer)
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+        assert repo.statistics().requests == 0
+        assert repo.statistics().lingering_requests == 1
+
+        async def get_b() -> None:
+            results["b"] = await repo.get_output("b", {})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get_b)
+            await trio.testing.wait_all_tasks_blocked()
+            assert peer.pending() == 0  # b waits for the slot: nothing sent
+            await peer.send(Ok(id=first.id, value={"late": True}))
+            second = await _next_get(peer)
+            assert second.task_type == "b"
+            await peer.send(Ok(id=second.id, value={"who": "b"}))
+        assert results == {"b": {"who": "b"}}
+        await _assert_idle(conn)
+
+
+async def test_an_aborted_download_keeps_its_slot_until_the_server_says_so() -> None:
+    """S5-8, S5-19: a download left after one chunk is aborted; its data still on the way
+    is read and dropped, and its slot comes back only with the server's `failed` (kind
+    aborted), its last message."""
+    async with (
+        scripted_server(max_in_flight=1) as (path, peer),
+        connect_cache_server(path) as repo,
+    ):
+        conn = _conn(repo)
+        ref = CacheRef(ref="cache://x/default/y#z", size=300)
+        got: list[bytes] = []
+
+        async def read_one() -> None:
+            async with repo.open_output_stream_by_ref(ref) as chunks:
+                async for chunk in chunks:
+                    got.append(chunk)
+                    break
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_one)
+            message = await peer.receive()
+            assert isinstance(message, ReadStream)
+            await peer.send(Ok(id=message.id, value=None), Data(id=message.id, data=b"1" * 100))
+            sent = [await peer.receive()]
+            while not isinstance(sent[-1], Abort):
+                sent.append(await peer.receive())
+        assert got == [b"1" * 100]
+        # The credit for the chunk taken (S5-9), then the abort.
+        assert sent == [Credit(id=message.id, n=100), Abort(id=message.id)]
+        assert repo.statistics().lingering_requests == 1
+        results: dict[str, object] = {}
+
+        async def get_b() -> None:
+            results["b"] = await repo.get_output("b", {})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get_b)
+            # Data sent before the server saw the abort, then its last word.
+            await peer.send(Data(id=message.id, data=b"2" * 100))
+            await trio.testing.wait_all_tasks_blocked()
+            assert peer.pending() == 0  # still no slot for b
+            assert conn.buffered == 0  # the late chunk was dropped, not kept
+            await peer.send(Failed(id=message.id, kind="aborted", message="aborted"))
+            second = await _next_get(peer)
+            await peer.send(Ok(id=second.id, value=None))
+        assert results == {"b": None}
+        await _assert_idle(conn)
+
+
+async def test_an_upload_the_server_failed_early_is_ended_with_an_abort() -> None:
+    """S5-8, S5-10: the server refuses an upload while its chunks still come; the client
+    raises its error and tells the server it is done (an abort), without which the server
+    would keep the upload open, holding one of the connection's slots, for good."""
+    async with (
+        scripted_server(max_in_flight=1) as (path, peer),
+        connect_cache_server(path) as repo,
+    ):
+        conn = _conn(repo)
+        gate = trio.Event()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"x" * 10
+            await gate.wait()
+            yield b"y" * 10
+
+        async def upload() -> None:
+            with pytest.raises(ValueError, match="no room"):
+                await repo.save_output_stream("t", {}, "out", chunks())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload)
+            start = await peer.receive()
+            assert isinstance(start, SaveStream)
+            await peer.send(Failed(id=start.id, kind="value", message="no room"))
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+            rest = [await peer.receive()]
+            while not isinstance(rest[-1], Abort):
+                rest.append(await peer.receive())
+        assert all(getattr(m, "id", None) == start.id for m in rest)
+        assert not any(isinstance(m, EndStream) for m in rest)
+        await _assert_idle(conn)
+
+
+async def test_many_callers_on_few_slots_never_break_the_servers_limit() -> None:
+    """S5-8 (regression): six tasks share a connection whose server allows two requests
+    in flight. The server frees a request before it sends its last message, so a client
+    that sends its next request the moment a reply arrives is never over the limit (it
+    was: the server still counted the answered request, and closed the connection)."""
+    with server_process("--max-in-flight", "2", "--row-cache-bytes", "0") as server:
+        async with connect_cache_server(server.socket_path) as repo:
+            await repo.save_output("t", {"j": 0}, {"v": 0})
+
+            async def worker(i: int) -> None:
+                for j in range(400):
+                    row = await repo.get_output("t", {"j": j % 3})
+                    assert row == ({"v": 0} if j % 3 == 0 else None)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(6):
+                    nursery.start_soon(worker, i)
+            await _assert_idle(_conn(repo))
 
 
 @settings(
@@ -291,7 +572,7 @@ def test_any_order_of_replies_and_cancellations_reaches_every_caller(
             for i, value in results.items():
                 assert value == {"i": i}
             await trio.testing.wait_all_tasks_blocked()
-            _assert_idle(conn)
+            await _assert_idle(conn)
             # Still usable: one more round trip (late replies to cancelled callers, if
             # any, are read first and dropped).
             scopes[0] = trio.CancelScope()
@@ -301,6 +582,6 @@ def test_any_order_of_replies_and_cancellations_reaches_every_caller(
                 message = await _next_get(peer)
                 await peer.send(Ok(id=message.id, value={"i": 0}))
             assert results[0] == {"i": 0}
-            _assert_idle(conn)
+            await _assert_idle(conn)
 
     trio.run(scenario)

@@ -6,7 +6,9 @@ server that dies, restarts, shutdown and the socket's permissions.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import math
 import shutil
 import signal
@@ -21,7 +23,7 @@ import trio.testing
 import trio_taskgraph as tg
 from tests.polling import wait_until
 from trio_taskgraph._cache_server import CacheServer, prepare_socket_path
-from trio_taskgraph._core._codec import encode_frame, packb
+from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder, encode_frame, packb
 from trio_taskgraph._core._keys import input_digest as tg_input_digest
 from trio_taskgraph._core._messages import (
     PROTOCOL_VERSION,
@@ -38,6 +40,8 @@ from trio_taskgraph._core._messages import (
     SaveStream,
     Stats,
     Welcome,
+    decode_server,
+    encode_message,
 )
 from trio_taskgraph._repository import _filesystem
 from trio_taskgraph.testing import cancel_at_each_checkpoint, torture_max_points
@@ -807,3 +811,120 @@ async def test_a_cancelled_reader_gets_cancelled_even_with_chunks_waiting(
                 await chunks.__anext__()
             assert scope.cancelled_caught
             assert len(await chunks.__anext__()) == 400_000, "the chunk is still there"
+
+
+class _Recording(trio.abc.Stream):
+    """A server-side stream that notes, at each send, which requests still count against
+    the server's limit (S5-8)."""
+
+    def __init__(self, inner: trio.abc.Stream, server: CacheServer) -> None:
+        self.inner = inner
+        self.server = server
+        self.sends: list[tuple[bytes, frozenset[int]]] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        (conn,) = self.server._connections
+        self.sends.append((bytes(data), frozenset(conn.unfinished)))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_request_stops_counting_before_its_last_message_is_sent(tmp_path: Path) -> None:
+    """S5-8 (regression): a client gives a request's slot back when its last message
+    arrives (a reply; a download's end; `failed`, also kind aborted), and may send the
+    next request at once, so the server must not count the request by then: each last
+    message leaves only once its request no longer counts against ``max_in_flight``.
+    (The server once closed requests after their reply, and a busy client that used every
+    slot had its connection closed for "more than N requests in flight".)"""
+    async with in_process_server(tmp_path / "root", window=1 << 16, chunk_bytes=1 << 14) as (
+        server,
+        sock,
+    ):
+        async with tg.connect_cache_server(sock) as repo:
+            ref = await repo.save_output_stream("t", {}, "p", _one_chunk(b"z" * 40_000))
+        client, server_side = trio.testing.memory_stream_pair()
+        recording = _Recording(server_side, server)
+        frames = FrameDecoder()
+        messages: list[object] = []
+
+        async def next_message() -> object:
+            while True:
+                frame = frames.next_frame()
+                assert frame is not CLOSED
+                if frame is not NEED_DATA:
+                    message = decode_server(frame)
+                    messages.append(message)
+                    return message
+                frames.receive_data(await client.receive_some())
+
+        async def send(*sent: object) -> None:
+            await client.send_all(b"".join(encode_message(m) for m in sent))  # type: ignore[arg-type]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server._serve_connection, recording)
+            await send(Hello(version=PROTOCOL_VERSION, namespace="default"))
+            assert isinstance(await next_message(), Welcome)
+            digest = tg_input_digest({"k": 1})
+            # A unary request that runs as a task (not a cached row), then stats.
+            await send(GetOutput(id=1, ns="default", task_type="t", digest=digest))
+            assert await next_message() == Ok(id=1, value=None)
+            await send(Stats(id=2, ns="default"))
+            assert isinstance(await next_message(), Ok)
+            # An upload: its verdict is its last message.
+            await send(
+                SaveStream(id=3, ns="default", task_type="t"),
+                ChunkMessage(id=3, data=b"u" * 100),
+                EndStream(id=3),
+            )
+            while not isinstance(await next_message(), Ok):
+                pass
+            # A whole download: its end is its last message.
+            await send(ReadStream(id=4, ns="default", ref=ref))
+            reply = await next_message()
+            while not (isinstance(reply, Data) and reply.end):
+                if isinstance(reply, Data):
+                    await send(Credit(id=4, n=len(reply.data)))
+                reply = await next_message()
+            # An aborted download: `failed`, kind aborted, is its last message.
+            await send(ReadStream(id=5, ns="default", ref=ref))
+            assert await next_message() == Ok(id=5, value=None)
+            await send(Abort(id=5))
+            reply = await next_message()
+            while isinstance(reply, Data):
+                reply = await next_message()
+            assert reply == Failed(id=5, kind="aborted", message="the download was aborted")
+            nursery.cancel_scope.cancel()
+        # Each frame (4-byte length, then its body) against what counted at the send that
+        # carried its first byte; sends may cut frames anywhere.
+        stream = b"".join(data for data, _ in recording.sends)
+        starts = list(itertools.accumulate(len(data) for data, _ in recording.sends))
+        last: dict[int, frozenset[int]] = {}
+        offset = 0
+        while offset < len(stream):
+            size = 4 + int.from_bytes(stream[offset : offset + 4], "big")
+            decoder = FrameDecoder()
+            decoder.receive_data(stream[offset : offset + size])
+            message = decode_server(decoder.next_frame())
+            counted = recording.sends[bisect.bisect_right(starts, offset)][1]
+            offset += size
+            final = isinstance(message, Failed) or (
+                isinstance(message, Ok) and message.id not in (4, 5)
+            )
+            final |= isinstance(message, Data) and message.end
+            if final:
+                last[message.id] = counted  # type: ignore[union-attr]
+        assert sorted(last) == [1, 2, 3, 4, 5]
+        for request_id, counted in last.items():
+            assert request_id not in counted, f"request {request_id} still counted at its end"
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -20,7 +20,7 @@ import trio.testing
 import trio_taskgraph as tg
 from tests.polling import wait_until
 from trio_taskgraph._cache_server import CacheServer, _Download, send_file, send_file_frames
-from trio_taskgraph._core._messages import Abort, Data, Ok, ReadStream, ServerStats
+from trio_taskgraph._core._messages import Abort, Data, Failed, Ok, ReadStream, ServerStats
 
 from .server_harness import RawClient, in_process_server
 
@@ -96,8 +96,8 @@ async def test_abort_mid_frame_waits_for_the_frame_and_keeps_the_connection(
 ) -> None:
     """S5-17: an abort that arrives while a download's frame is part-sent (the client stopped
     reading, the socket is full) does not cut the frame: once the client reads, the frame
-    arrives whole, the download ends without another frame, and the connection still
-    serves requests."""
+    arrives whole, the download ends without another data frame, with its last message
+    `failed` (kind aborted, S5-8), and the connection still serves requests."""
     async with in_process_server(tmp_path / "root", window=BIG, chunk_bytes=BIG) as (server, sock):
         async with tg.connect_cache_server(sock) as repo:
             ref = await repo.save_output_stream("t", {}, "p", _chunks(2, BIG))
@@ -111,9 +111,12 @@ async def test_abort_mid_frame_waits_for_the_frame_and_keeps_the_connection(
             assert isinstance(frame, Data)
             assert frame.data == bytes([0]) * BIG
             assert not frame.end
+            last = await raw.receive()
+            # No second data frame and no end: the aborted download says it was aborted.
+            assert isinstance(last, Failed), last
+            assert (last.id, last.kind) == (1, "aborted")
             await raw.send(ServerStats(id=2))
             reply = await raw.receive()
-            # No second data frame and no end: the aborted download sent nothing more.
             assert reply is not None
             assert getattr(reply, "id", None) == 2, reply
             await wait_until(

@@ -296,6 +296,10 @@ class _Connection:
         # A frame was cut short (S5-17): nothing more may be sent; the connection goes.
         self.broken = False
         self.requests: dict[int, _Entry] = {}
+        # Invariant (S5-8): ids of open requests not yet given their last message. Only
+        # these count against max_in_flight: a client frees a request's slot when that
+        # message arrives, which may be before the request's task has closed it here.
+        self.unfinished: set[int] = set()
         self.namespace = ""
         self.views: dict[str, FsOutputRepository] = {}
         self.nursery: trio.Nursery | None = None
@@ -453,14 +457,20 @@ class _Connection:
             raise _Violation(f"request id {request_id} is already in use")
         if request_id < 0:
             raise _Violation(f"request id {request_id} is negative")
-        if len(self.requests) >= self.server.max_in_flight:
+        if len(self.unfinished) >= self.server.max_in_flight:
             raise _Violation(
                 f"more than {self.server.max_in_flight} requests in flight on one connection"
             )
         self.requests[request_id] = entry
+        self.unfinished.add(request_id)
         self.idle = trio.Event() if self.idle.is_set() else self.idle
 
+    def _finish(self, request_id: int) -> None:
+        """``request_id``'s last message is about to be sent: it no longer counts (S5-8)."""
+        self.unfinished.discard(request_id)
+
     def _close(self, request_id: int) -> None:
+        self.unfinished.discard(request_id)
         self.requests.pop(request_id, None)
         if not self.requests:
             self.idle.set()
@@ -523,6 +533,7 @@ class _Connection:
 
         async def refuse() -> None:
             try:
+                self._finish(request_id)
                 await self.send(failed)
             finally:
                 self._close(request_id)
@@ -600,6 +611,7 @@ class _Connection:
                 reply: ServerMessage = Ok(id=request_id, value=value)
             except Exception as exc:
                 reply = Failed(id=request_id, kind=error_kind(exc), message=str(exc))
+            self._finish(request_id)
             await self._reply(reply)
         finally:
             self._close(request_id)
@@ -686,9 +698,11 @@ class _Connection:
             # Aborted: say so, so a client that aborted after its last chunk learns that
             # nothing was published (S5-10).
             reply = Failed(id=upload.id, kind="aborted", message="the upload was aborted")
+        self._finish(upload.id)
         await self._reply(reply)
 
     async def _run_download(self, download: _Download, message: ReadStream) -> None:
+        reply: ServerMessage | None = None
         try:
             with download.scope:
                 try:
@@ -699,10 +713,15 @@ class _Connection:
                             await self._sendfile_pieces(download, pieces.fileno())
                         else:
                             await self._stream_pieces(download, pieces)
-                    reply: ServerMessage = Data(id=download.id, data=b"", end=True)
+                    reply = Data(id=download.id, data=b"", end=True)
                 except Exception as exc:
                     reply = Failed(id=download.id, kind=error_kind(exc), message=str(exc))
-                await self.send(reply)
+            if reply is None:
+                # Aborted (only an abort cancels this scope): say so after the last data
+                # frame, so the client knows nothing more comes for it (S5-8, S5-19).
+                reply = Failed(id=download.id, kind="aborted", message="the download was aborted")
+            self._finish(download.id)
+            await self.send(reply)
         finally:
             self._close(download.id)
 

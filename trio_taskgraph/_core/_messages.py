@@ -339,7 +339,7 @@ ERROR_KINDS: Final = frozenset(
         "type",  # TypeError
         "value",  # ValueError
         "shutdown",  # CacheServerError: the server is shutting down
-        "aborted",  # CacheServerError: the client aborted the upload; nothing was published
+        "aborted",  # CacheServerError: the client aborted the stream; nothing published, none sent after
         "internal",  # CacheServerError: a bug in the server
     }
 )

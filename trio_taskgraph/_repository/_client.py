@@ -142,7 +142,10 @@ class ClientStatistics:
     What a cache-server connection holds.
 
     Attributes:
-        requests: requests in flight on the connection.
+        requests: requests in flight on the connection whose callers are still there.
+        lingering_requests: requests whose callers left (cancelled, or a stream aborted)
+            before the server's last message for them: each holds its slot until that
+            message comes (S5-8), which the connection receives on its own (S5-19).
         buffered_bytes: download bytes received and not yet taken by the caller, plus frame
             bytes received and not yet decoded.
         peak_buffered_bytes: the most ``buffered_bytes`` has been.
@@ -150,6 +153,7 @@ class ClientStatistics:
     """
 
     requests: int
+    lingering_requests: int
     buffered_bytes: int
     peak_buffered_bytes: int
     window: int
@@ -162,7 +166,9 @@ class _Request:
     done: bool = False
     value: object = None
     error: Exception | None = None
-    # uploads: bytes we may still send
+    # its first message went out (a request never sent gets no reply)
+    sent: bool = False
+    # uploads: bytes we may still send; downloads: bytes the server may still send
     credit: int = 0
     # downloads
     download: bool = False
@@ -193,7 +199,9 @@ class _Connection:
         self.failure: str | None = None
         self.window = 0
         self.chunk_bytes = 0
-        self.limiter = trio.CapacityLimiter(1)
+        # the server's max_in_flight request slots (S5-8), set by the handshake
+        self.max_in_flight = 0
+        self.slots = trio.Semaphore(0)
         self.buffered = 0
         self.peak = 0
         self.decoded = 0
@@ -204,7 +212,11 @@ class _Connection:
         self.receiving = False
         self.waiting = 0
         self.streams = 0
+        # requests whose callers left before the server's last message for them: each
+        # keeps its slot until that message comes (S5-8)
+        self.lingering: dict[int, _Request] = {}
         self.reader_lot = trio.lowlevel.ParkingLot()
+        self.reader_pump: trio.CancelScope | None = None  # while the reader receives
 
     # -- failure --
 
@@ -216,6 +228,9 @@ class _Connection:
         """Mark the connection dead and wake every request with `CacheServerError`."""
         if self.failure is None:
             self.failure = reason
+        for _ in self.lingering:
+            self.slots.release()
+        self.lingering.clear()
         for request in self.requests.values():
             if not request.done:
                 request.done = True
@@ -331,7 +346,8 @@ class _Connection:
             raise CacheServerError(f"the cache server announced bad limits: {reply!r}")
         self.window = reply.window
         self.chunk_bytes = reply.chunk_bytes
-        self.limiter.total_tokens = reply.max_in_flight
+        self.max_in_flight = reply.max_in_flight
+        self.slots = trio.Semaphore(reply.max_in_flight)
 
     async def _pump(self, more: Callable[[], bool]) -> None:
         """
@@ -355,12 +371,16 @@ class _Connection:
             self.fail(f"the cache server connection broke: {str(exc) or type(exc).__name__}")
 
     def _reader_wanted(self) -> bool:
-        return bool(self.waiting or self.streams) and self.failure is None
+        return (
+            bool(self.waiting or self.streams or self.lingering or self.decoded)
+            and self.failure is None
+        )
 
     async def reader(self) -> None:
         """
         Receive for others (S5-19): whenever a caller is parked behind the one receiving,
-        or a stream or a stalled send is open. Runs until the connection ends; never raises.
+        a stream or a stalled send is open, an aborted download's data may still come, or
+        part of a frame has been read. Runs until the connection ends; never raises.
         """
         with self.reader_scope:
             while self.failure is None:
@@ -369,9 +389,11 @@ class _Connection:
                     continue
                 self.receiving = True
                 try:
-                    await self._pump(self._reader_wanted)
+                    with trio.CancelScope() as self.reader_pump:
+                        await self._pump(self._reader_wanted)
                 finally:
                     self.receiving = False
+                    self.reader_pump = None
         # Cancelled by aclose: the connection is closed.
         self.fail("the cache server connection is closed")
 
@@ -383,6 +405,36 @@ class _Connection:
 
     def close_stream(self) -> None:
         self.streams -= 1
+        self._reader_may_stop()
+
+    def _reader_may_stop(self) -> None:
+        """
+        The reader is waiting on the socket for nobody: stop it, so the next caller
+        receives for itself (cancelling a wait on the socket loses no byte).
+        """
+        if self.reader_pump is not None and not self._reader_wanted():
+            self.reader_pump.cancel()
+
+    def _late(self, request_id: int, message: object) -> None:
+        """
+        A message for a request its caller left: dropped. If it is the server's last one
+        for a lingering request (a reply, a download's end or failure), the request's slot
+        is free again (S5-8).
+        """
+        request = self.lingering.get(request_id)
+        if request is None:
+            return  # nothing lingers under that id: a stray the server may send late
+        if isinstance(message, Data):
+            if not message.end:
+                return  # data of an aborted download
+        elif isinstance(message, Ok):
+            if request.download and not request.opened:
+                request.opened = True  # its data (then its end) follow
+                return
+        elif not isinstance(message, Failed):
+            return  # credit for an abandoned upload
+        del self.lingering[request_id]
+        self.slots.release()
 
     async def wait(self, request: _Request) -> None:
         """
@@ -406,6 +458,7 @@ class _Connection:
                 if request.parked:  # cancelled before a message woke it
                     request.parked -= 1
                     self.waiting -= 1
+                    self._reader_may_stop()
             return
         self.receiving = True
         news = request.news
@@ -420,15 +473,24 @@ class _Connection:
         if isinstance(message, Failed) and message.id == -1:
             raise CacheServerError(f"the cache server closed the connection: {message.message}")
         request_id = getattr(message, "id", None)
-        request = self.requests.get(request_id) if isinstance(request_id, int) else None
+        if not isinstance(request_id, int):
+            raise CacheServerError(f"unexpected {type(message).__name__} after the handshake")
+        request = self.requests.get(request_id)
         if request is None:
-            return  # the caller gave up on it (cancelled); late replies are harmless
+            self._late(request_id, message)  # the caller gave up on it (cancelled)
+            return
         if isinstance(message, Data):
             if not request.download or not request.opened or request.ended:
                 raise CacheServerError(f"unexpected data for request {request.id}")
             if message.end:
                 request.ended = True
             elif message.data:
+                # Invariant (S5-9): the server sends a download only within our credit.
+                request.credit -= len(message.data)
+                if request.credit < 0:
+                    raise CacheServerError(
+                        f"the cache server sent download {request.id} past its credit"
+                    )
                 request.chunks.append(message.data)
                 self._add_buffered(len(message.data))
         elif isinstance(message, Credit):
@@ -450,55 +512,68 @@ class _Connection:
 
     # -- requests --
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one of the server's ``max_in_flight`` request slots (S5-8)."""
-        limiter = self.limiter
-        try:
-            limiter.acquire_nowait()  # a free slot costs no trip through the scheduler
-        except trio.WouldBlock:
-            await limiter.acquire()
-        try:
-            yield
-        finally:
-            limiter.release()
-
-    def open_request(self) -> _Request:
+    async def open_request(self) -> _Request:
+        """
+        Take one of the server's ``max_in_flight`` request slots (S5-8), waiting for one
+        if need be, and open a request in it. `close_request` gives the slot back.
+        """
         if self.failure is not None:
+            await trio.lowlevel.checkpoint()
+            raise self.dead()
+        slots = self.slots
+        try:
+            slots.acquire_nowait()  # a free slot costs no trip through the scheduler
+        except trio.WouldBlock:
+            await slots.acquire()
+        return self.open_request_in_slot()
+
+    def open_request_in_slot(self) -> _Request:
+        """Open a request in a slot the caller holds (see `close_request`'s keep_slot)."""
+        if self.failure is not None:
+            self.slots.release()
             raise self.dead()
         self.next_id += 1
         request = _Request(id=self.next_id)
         self.requests[request.id] = request
         return request
 
-    def close_request(self, request: _Request) -> None:
-        self.requests.pop(request.id, None)
+    def close_request(self, request: _Request, *, keep_slot: bool = False) -> None:
+        """
+        The caller is done with ``request`` (a second call does nothing).
+
+        Invariant (S5-8): its slot goes back only once the server has sent its last
+        message for it (a reply; a download's end; a failure), so the server never counts
+        more open requests than the client does. If that message has not come yet (the
+        caller was cancelled, or aborted a stream), the request lingers and the one
+        receiving frees the slot when it comes (S5-19). With ``keep_slot`` (a finished
+        request only), the caller keeps the slot for `open_request_in_slot`.
+        """
+        if self.requests.pop(request.id, None) is None:
+            return
         if request.chunks:
             self._add_buffered(-sum(len(c) for c in request.chunks))
             request.chunks.clear()
+        finished = request.done or request.ended or not request.sent
+        if keep_slot:
+            assert finished, "only a finished request hands its slot on"
+        elif finished or self.failure is not None:
+            self.slots.release()
+        else:
+            self.lingering[request.id] = request
+            if not self.receiving:
+                self.reader_lot.unpark_all()
 
     async def call(self, build: Callable[[int], ClientMessage]) -> object:
         """Send ``build(request_id)`` and wait for its reply's value (or raise its error)."""
-        limiter = self.limiter
-        try:
-            limiter.acquire_nowait()  # a free slot costs no trip through the scheduler
-        except trio.WouldBlock:
-            await limiter.acquire()
-        try:
-            return await self.call_in_held_slot(build)
-        finally:
-            limiter.release()
+        return await self.call_in(await self.open_request(), build)
 
-    async def call_in_held_slot(self, build: Callable[[int], ClientMessage]) -> object:
-        """
-        As `call`, for a task that already holds a slot (an upload cleaning up after
-        itself): a `trio.CapacityLimiter` refuses a second token to the same borrower.
-        """
-        request = self.open_request()
+    async def call_in(self, request: _Request, build: Callable[[int], ClientMessage]) -> object:
+        """As `call`, in ``request`` (just opened); closes it."""
         try:
-            # No trip through the scheduler when the frame goes at once: the park below
-            # is this call's checkpoint (a round trip is two wake-ups, not three).
+            # No trip through the scheduler when the frame goes at once: the wait below
+            # is this call's checkpoint (a round trip is one wake-up, S5-19).
             await self.send(build(request.id), checkpoint=False)
+            request.sent = True
             while not request.done:
                 await self.wait(request)
         finally:
@@ -549,6 +624,7 @@ class _Download:
                 # quarter window at a time, and always once nothing is left here (the
                 # server then waits for it), so the stream never stalls on us.
                 n, self._ungranted = self._ungranted, 0
+                request.credit += n
                 await conn.send(Credit(id=request.id, n=n))
             else:
                 await trio.lowlevel.checkpoint()
@@ -723,81 +799,81 @@ class CacheServerRepository:
         self, task_type: str, mime: str | None, chunks: AsyncIterator[BytesLike]
     ) -> CacheRef:
         conn = self._conn
-        async with conn.slot():
-            request = conn.open_request()
-            request.credit = conn.window
-            ended = False
-            conn.open_stream()
-            try:
-                await conn.send(
-                    SaveStream(id=request.id, ns=self._namespace, task_type=task_type, mime=mime)
-                )
-                step = conn.chunk_bytes
-                # Chunks are gathered into frames of up to chunk_bytes (a frame costs a trip
-                # through the scheduler on both sides, whatever its size). Large immutable
-                # chunks join a frame by reference and leave in one scatter write; small or
-                # mutable ones (a producer may reuse its bytearray) are copied in.
-                parts: list[bytes | bytearray | memoryview] = []
-                gathered = 0  # bytes in parts
-                pending = bytearray()  # small chunks, copied
+        request = await conn.open_request()
+        request.credit = conn.window
+        ended = False
+        conn.open_stream()
+        try:
+            await conn.send(
+                SaveStream(id=request.id, ns=self._namespace, task_type=task_type, mime=mime)
+            )
+            request.sent = True
+            step = conn.chunk_bytes
+            # Chunks are gathered into frames of up to chunk_bytes (a frame costs a trip
+            # through the scheduler on both sides, whatever its size). Large immutable
+            # chunks join a frame by reference and leave in one scatter write; small or
+            # mutable ones (a producer may reuse its bytearray) are copied in.
+            parts: list[bytes | bytearray | memoryview] = []
+            gathered = 0  # bytes in parts
+            pending = bytearray()  # small chunks, copied
 
-                async def send_frame() -> None:
-                    nonlocal parts, gathered, pending
-                    if pending:
-                        parts.append(pending)
-                        gathered += len(pending)
-                        pending = bytearray()
-                    frame, size = parts, gathered
-                    parts, gathered = [], 0
-                    if not size:
-                        return
-                    # Invariant (S5-9): never send past the server's credit.
-                    while request.credit < size and not request.done:
-                        await conn.wait(request)
-                    if not request.done:
-                        request.credit -= size
-                        await conn.send_parts(encode_chunk_frame(request.id, frame, size))
+            async def send_frame() -> None:
+                nonlocal parts, gathered, pending
+                if pending:
+                    parts.append(pending)
+                    gathered += len(pending)
+                    pending = bytearray()
+                frame, size = parts, gathered
+                parts, gathered = [], 0
+                if not size:
+                    return
+                # Invariant (S5-9): never send past the server's credit.
+                while request.credit < size and not request.done:
+                    await conn.wait(request)
+                if not request.done:
+                    request.credit -= size
+                    await conn.send_parts(encode_chunk_frame(request.id, frame, size))
 
-                async for chunk in chunks:
-                    size = size_of_chunk(chunk)
-                    if request.done:
-                        break  # the server failed the upload: stop pulling chunks
-                    if not size:
-                        continue
-                    view = memoryview(chunk).cast("B")
-                    offset = 0
-                    while offset < size and not request.done:
-                        room = step - gathered - len(pending)
-                        take = min(room, size - offset)
-                        if type(chunk) is bytes and take >= _BY_REFERENCE:
-                            if pending:
-                                parts.append(pending)
-                                gathered += len(pending)
-                                pending = bytearray()
-                            parts.append(chunk if take == size else view[offset : offset + take])
-                            gathered += take
-                        else:
-                            pending += view[offset : offset + take]
-                        offset += take
-                        if gathered + len(pending) >= step or len(parts) >= _MAX_FRAME_PARTS:
-                            await send_frame()
-                if not request.done:
-                    await send_frame()
-                if not request.done:
-                    await conn.send(EndStream(id=request.id))
-                    ended = True
-                    while not request.done:
-                        await conn.wait(request)
-                if request.error is not None:
-                    raise request.error
-                if not ended:  # pragma: no cover - the server replied Ok before the end
-                    raise CacheServerError("the cache server finished an upload early")
-            except BaseException:
-                await self._abandon_upload(request, ended=ended)
-                raise
-            finally:
-                conn.close_stream()
-                conn.close_request(request)
+            async for chunk in chunks:
+                size = size_of_chunk(chunk)
+                if request.done:
+                    break  # the server failed the upload: stop pulling chunks
+                if not size:
+                    continue
+                view = memoryview(chunk).cast("B")
+                offset = 0
+                while offset < size and not request.done:
+                    room = step - gathered - len(pending)
+                    take = min(room, size - offset)
+                    if type(chunk) is bytes and take >= _BY_REFERENCE:
+                        if pending:
+                            parts.append(pending)
+                            gathered += len(pending)
+                            pending = bytearray()
+                        parts.append(chunk if take == size else view[offset : offset + take])
+                        gathered += take
+                    else:
+                        pending += view[offset : offset + take]
+                    offset += take
+                    if gathered + len(pending) >= step or len(parts) >= _MAX_FRAME_PARTS:
+                        await send_frame()
+            if not request.done:
+                await send_frame()
+            if not request.done:
+                await conn.send(EndStream(id=request.id))
+                ended = True
+                while not request.done:
+                    await conn.wait(request)
+            if request.error is not None:
+                raise request.error
+            if not ended:  # pragma: no cover - the server replied Ok before the end
+                raise CacheServerError("the cache server finished an upload early")
+        except BaseException:
+            await self._abandon_upload(request, ended=ended)
+            raise
+        finally:
+            conn.close_stream()
+            conn.close_request(request)
         ref = request.value
         if type(ref) is not CacheRef:
             raise CacheServerError(f"the cache server returned a {type(ref).__name__} as a ref")
@@ -810,7 +886,9 @@ class CacheServerRepository:
         the blob if it was published before the abort arrived.
         """
         conn = self._conn
-        if not request.done:
+        if request.sent and not (ended and request.done):
+            # Also after an early verdict: the server keeps the upload open until it sees
+            # our end or abort (S5-8).
             await conn.abort(request)
         if not ended or conn.failure is not None:
             return
@@ -822,8 +900,12 @@ class CacheServerRepository:
             if type(ref) is CacheRef:
                 ns = self._namespace
                 with contextlib.suppress(CacheServerError, RefError):
-                    # Still inside the upload's slot (S5-8): asking for another would raise.
-                    await conn.call_in_held_slot(lambda i: DeleteRef(id=i, ns=ns, ref=ref))
+                    # In the upload's slot (S5-8): the upload is finished, and waiting for
+                    # another slot could wait on other callers.
+                    conn.close_request(request, keep_slot=True)
+                    await conn.call_in(
+                        conn.open_request_in_slot(), lambda i: DeleteRef(id=i, ns=ns, ref=ref)
+                    )
 
     async def get_output_by_ref(self, ref: CacheRef) -> bytes:
         """
@@ -873,27 +955,28 @@ class CacheServerRepository:
             await trio.lowlevel.checkpoint()
             raise
         conn = self._conn
-        async with conn.slot():
-            request = conn.open_request()
-            request.download = True
-            download = _Download(conn, request)
-            conn.open_stream()
+        request = await conn.open_request()
+        request.download = True
+        request.credit = conn.window
+        download = _Download(conn, request)
+        conn.open_stream()
+        try:
             try:
-                try:
-                    await conn.send(ReadStream(id=request.id, ns=self._namespace, ref=checked))
-                except WireFormatError:
-                    raise ForeignRefError("a CacheRef the wire cannot carry") from None
-                while not request.opened and not request.done:
-                    await conn.wait(request)
-                if request.error is not None:
-                    raise request.error
-                yield download
-            finally:
-                download.closed = True
-                if not request.ended and not request.done:
-                    await conn.abort(request)
-                conn.close_stream()
-                conn.close_request(request)
+                await conn.send(ReadStream(id=request.id, ns=self._namespace, ref=checked))
+                request.sent = True
+            except WireFormatError:
+                raise ForeignRefError("a CacheRef the wire cannot carry") from None
+            while not request.opened and not request.done:
+                await conn.wait(request)
+            if request.error is not None:
+                raise request.error
+            yield download
+        finally:
+            download.closed = True
+            if request.sent and not request.ended and not request.done:
+                await conn.abort(request)
+            conn.close_stream()
+            conn.close_request(request)
 
     async def delete_output_by_ref(self, ref: CacheRef) -> None:
         """
@@ -996,6 +1079,7 @@ class CacheServerRepository:
         conn = self._conn
         return ClientStatistics(
             requests=len(conn.requests),
+            lingering_requests=len(conn.lingering),
             buffered_bytes=conn.buffered,
             peak_buffered_bytes=conn.peak,
             window=conn.window,
