@@ -38,9 +38,14 @@ def _load(name: str) -> ModuleType:
 
 
 def test_every_harness_is_listed() -> None:
-    assert {"fuzz_budget", "fuzz_codec", "fuzz_walker", "fuzz_keys", "fuzz_server"} <= set(
-        HARNESSES
-    )
+    assert {
+        "fuzz_budget",
+        "fuzz_codec",
+        "fuzz_walker",
+        "fuzz_keys",
+        "fuzz_server",
+        "fuzz_client",
+    } <= set(HARNESSES)
 
 
 @pytest.mark.parametrize("name", HARNESSES)

@@ -228,6 +228,11 @@ class _Connection:
         """Mark the connection dead and wake every request with `CacheServerError`."""
         if self.failure is None:
             self.failure = reason
+            # Nothing more is read: what the decoder held is let go (a fresh decoder, in
+            # case a receive in progress still writes into the old one).
+            self._add_buffered(-self.decoded)
+            self.decoded = 0
+            self.decoder = FrameDecoder(detach_bin_bytes=DETACH_BIN_BYTES)
         for _ in self.lingering:
             self.slots.release()
         self.lingering.clear()
