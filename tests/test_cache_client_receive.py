@@ -378,6 +378,18 @@ async def test_credit_granted_for_a_download_is_counted() -> None:
         await _assert_idle(_conn(repo))
 
 
+async def test_a_call_cancelled_before_it_starts_sends_nothing() -> None:
+    """S5-16, S5-8: a caller already cancelled raises at once and sends no request, so
+    nothing lingers and no slot is held."""
+    async with scripted_server() as (path, peer), connect_cache_server(path) as repo:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await repo.get_output("a", {})
+        assert scope.cancelled_caught
+        await _assert_idle(_conn(repo))
+        assert peer.pending() == 0
+
+
 async def test_a_cancelled_call_keeps_its_slot_until_its_reply() -> None:
     """S5-8: the server counts a request until it has sent its reply, so a caller that
     leaves first does not give its slot back: with one slot, the next call is not sent

@@ -570,6 +570,8 @@ class _Connection:
 
     async def call(self, build: Callable[[int], ClientMessage]) -> object:
         """Send ``build(request_id)`` and wait for its reply's value (or raise its error)."""
+        # A cancelled caller sends nothing (S5-16): no request, so nothing lingers.
+        await trio.lowlevel.checkpoint_if_cancelled()
         return await self.call_in(await self.open_request(), build)
 
     async def call_in(self, request: _Request, build: Callable[[int], ClientMessage]) -> object:
