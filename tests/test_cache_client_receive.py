@@ -9,6 +9,7 @@ the test, not by timing.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -375,6 +376,33 @@ async def test_credit_granted_for_a_download_is_counted() -> None:
                     credit += grant.n
             await peer.send(Data(id=message.id, data=b"", end=True))
         assert got == b"c" * (2 * window)
+        await _assert_idle(_conn(repo))
+
+
+async def test_a_failure_found_by_a_send_wakes_the_caller_receiving_for_itself() -> None:
+    """S5-19, S5-14: A waits on the socket for its reply (receiving for itself) when B's
+    send finds the connection broken (the server stopped reading): A raises
+    `CacheServerError` at once instead of waiting on a socket nobody will speak on."""
+    async with scripted_server() as (path, peer), connect_cache_server(path) as repo:
+        errors: dict[str, BaseException] = {}
+
+        async def get(name: str) -> None:
+            try:
+                await repo.get_output(name, {})
+            except CacheServerError as exc:
+                errors[name] = exc
+
+        # (a bound, not a wait: without the fix, a waits on the socket for good)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(get, "a")
+                await _next_get(peer)
+                await trio.testing.wait_all_tasks_blocked()
+                assert _conn(repo).receiving  # a, for itself
+                peer._stream().socket.shutdown(socket.SHUT_RD)  # our sends now break
+                nursery.start_soon(get, "b")
+        assert set(errors) == {"a", "b"}
+        assert "broke" in str(errors["a"])
         await _assert_idle(_conn(repo))
 
 

@@ -216,7 +216,9 @@ class _Connection:
         # keeps its slot until that message comes (S5-8)
         self.lingering: dict[int, _Request] = {}
         self.reader_lot = trio.lowlevel.ParkingLot()
-        self.reader_pump: trio.CancelScope | None = None  # while the reader receives
+        # the reader receives in this scope: one nobody needs any more is stopped at once
+        # (cancelling a wait on the socket loses no byte)
+        self.reader_pump: trio.CancelScope | None = None
 
     # -- failure --
 
@@ -233,6 +235,10 @@ class _Connection:
             self._add_buffered(-self.decoded)
             self.decoded = 0
             self.decoder = FrameDecoder(detach_bin_bytes=DETACH_BIN_BYTES)
+            # Nobody reads or writes the socket again (it is closed with the connection):
+            # whoever waits on it, maybe a caller receiving for itself from a server that
+            # stopped taking our frames, learns of the failure now.
+            trio.lowlevel.notify_closing(self.stream.socket)
         for _ in self.lingering:
             self.slots.release()
         self.lingering.clear()
