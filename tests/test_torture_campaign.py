@@ -537,7 +537,7 @@ def _expected(n: int, size: int, fill: int) -> bytes:
 
 @attrs.frozen
 class ServerCase:
-    op: str  # "save", "read", "delete", "prune"
+    op: str  # "save", "read", "delete", "prune", "rows"
     chunks: int
     size: int
     seed: int = 0
@@ -545,7 +545,7 @@ class ServerCase:
 
 SERVER_CASES = [
     ServerCase(op, chunks, size, seed)
-    for op in ("save", "read", "delete", "prune")
+    for op in ("save", "read", "delete", "prune", "rows")
     for chunks, size, seed in ((4, 4096, 0), (16, 1024, 0), (2, 100_000, 0), (4, 4096, 1))
 ]
 
@@ -570,6 +570,7 @@ class ServerScenario:
     victims: list[tg.CacheRef] = attrs.Factory(list)  # this run's
     doomed: set[tg.CacheRef] = attrs.Factory(set)  # every run's victims
     keeper: tg.CacheRef | None = None
+    row_fills: dict[int, set[int]] = attrs.Factory(dict)  # "rows": values tried per row
 
     async def _save(self, task: str, row: str | None) -> tg.CacheRef:
         fill = next(self.fills)
@@ -584,7 +585,7 @@ class ServerScenario:
 
     async def prepare(self) -> None:
         """Set up what the next run works on (outside the scenario: never cancelled)."""
-        if self.case.op == "read" and self.keeper is None:
+        if self.case.op in ("read", "rows") and self.keeper is None:
             self.keeper = await self._save("keep", "keep")
         elif self.case.op == "delete":
             self.victims = [await self._save("t", None), await self._save("t", None)]
@@ -613,8 +614,28 @@ class ServerScenario:
                 nursery.start_soon(repo.delete_output_by_ref, self.victims[0])
                 nursery.start_soon(repo.stats)
             await repo.delete_output_by_ref(self.victims[1])
+        elif self.case.op == "rows":
+            # S5-19: callers receiving for themselves, parked behind each other and behind
+            # the reader (a download is open), handing over as they are cancelled.
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(self._row_round, i)
+                nursery.start_soon(self._read_keeper)
         else:
             assert await repo.delete_by_task_type_prefix("p.") >= 1
+
+    async def _row_round(self, i: int) -> None:
+        fill = next(self.fills)
+        self.row_fills.setdefault(i, set()).add(fill)
+        await self.repo.save_output("rows", {"i": i}, {"v": fill})
+        # S5-15: a caller that awaited its write reads it back.
+        assert await self.repo.get_output("rows", {"i": i}) == {"v": fill}
+
+    async def _read_keeper(self) -> None:
+        assert self.keeper is not None
+        async with self.repo.open_output_stream_by_ref(self.keeper) as chunks:
+            got = b"".join([chunk async for chunk in chunks])
+        assert got == self.issued[self.keeper]
 
     async def check(self) -> None:
         with trio.CancelScope(shield=True):
@@ -635,6 +656,9 @@ class ServerScenario:
                     "the client to hear the last message of every request",
                 )
                 assert repo.statistics().buffered_bytes == 0
+                conn = repo._conn
+                assert conn.slots.value == conn.max_in_flight, "S5-8: a request slot leaked"
+                assert not conn.waiting, "S5-19: a caller is still counted as parked"
             if self.root is not None:
                 assert _temp_files(self.root) == [], "S4-3: a temp file was left behind"
             if self.extra_check is not None:
@@ -659,6 +683,9 @@ class ServerScenario:
                 row_ref = value["ref"]
                 assert isinstance(row_ref, tg.CacheRef)
                 await self.repo.get_output_by_ref(row_ref)  # S4-4: never a row without its blob
+            for i, fills in self.row_fills.items():
+                stored = await self.repo.get_output("rows", {"i": i})
+                assert stored is None or stored["v"] in fills, f"row {i} reads {stored!r}"
             if self.case.op == "prune":
                 # S4-4: a prefix delete takes the row and both blobs, or nothing; not others.
                 assert set(self.victims) <= set(self.issued)
@@ -680,9 +707,11 @@ class ServerScenario:
 async def test_cache_server_repository_cancelled_at_each_checkpoint(
     case: ServerCase, tmp_path: Path
 ) -> None:
-    """S4-3, S4-4, S4-8, S5-9, S5-10 under `cancel_at_each_checkpoint` (S7): streamed save
-    with its row, streamed read, delete and prefix prune through ``CacheServerRepository``
-    leave no temp file, no orphan blob, no row without its blob, no open request."""
+    """S4-3, S4-4, S4-8, S5-8, S5-9, S5-10, S5-19 under `cancel_at_each_checkpoint` (S7):
+    streamed save with its row, streamed read, delete, prefix prune, and rows written and
+    read by three callers beside a download, through ``CacheServerRepository``
+    leave no temp file, no orphan blob, no row without its blob, no open request, no
+    leaked request slot, and rows that read back what a caller wrote."""
     root = tmp_path / "root"
     async with (
         in_process_server(root, window=64 * 1024, chunk_bytes=16 * 1024) as (server, sock),
