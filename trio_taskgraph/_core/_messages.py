@@ -78,7 +78,7 @@ __all__ = [
 ]
 
 #: The protocol version a client sends in `Hello`; the server refuses any other.
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 
 
 # --- client -> server ------------------------------------------------------------------------
