@@ -23,7 +23,8 @@ from typing import TypedDict, Unpack
 import attrs
 import trio
 
-from trio_taskgraph import FsOutputRepository
+from tests.polling import wait_until
+from trio_taskgraph import CacheServerRepository, FsOutputRepository
 from trio_taskgraph._cache_server import CacheServer, serve_cache_server
 from trio_taskgraph._core._codec import CLOSED, NEED_DATA, FrameDecoder
 from trio_taskgraph._core._messages import (
@@ -287,3 +288,15 @@ async def scripted_server(
             with trio.CancelScope(shield=True):
                 await peer.stream.aclose()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+async def wait_client_settled(repo: CacheServerRepository) -> None:
+    """
+    Wait until ``repo``'s connection has heard the server's last message for every request
+    whose caller left (S5-8, S5-19): the reader takes those off the socket on its own,
+    in its own time, after the server has sent them.
+    """
+    await wait_until(
+        lambda: not repo.statistics().lingering_requests,
+        "the client to hear the last message of every request",
+    )

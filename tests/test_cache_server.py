@@ -52,6 +52,7 @@ from .server_harness import (
     in_process_server,
     server_process,
     short_tempdir,
+    wait_client_settled,
 )
 
 MiB = 1024 * 1024
@@ -382,6 +383,7 @@ async def test_cancelled_download_is_aborted_on_the_server(tmp_path: Path) -> No
         async def check() -> None:
             await _wait_quiet(server)
             assert server.statistics().buffered_bytes == 0
+            await wait_client_settled(repo)
             assert repo.statistics().buffered_bytes == 0
 
         await cancel_at_each_checkpoint(

@@ -43,7 +43,7 @@ import trio_taskgraph as tg
 import trio_taskgraph._stream_processor as sp
 from tests.graph_tasks import Join, Relay
 from tests.polling import wait_until
-from tests.server_harness import in_process_server
+from tests.server_harness import in_process_server, wait_client_settled
 from trio_taskgraph import BytesLike
 from trio_taskgraph._cache_server import CacheServer
 from trio_taskgraph.testing import cancel_at_each_checkpoint, torture_max_points
@@ -651,10 +651,7 @@ class ServerScenario:
                 assert stats.requests == 0, "S5-9: a request outlived its caller"
                 # S5-8, S5-19: what the server sent for requests whose callers left is
                 # taken off the socket, and their slots come back, with no other call.
-                await wait_until(
-                    lambda: not repo.statistics().lingering_requests,
-                    "the client to hear the last message of every request",
-                )
+                await wait_client_settled(repo)
                 assert repo.statistics().buffered_bytes == 0
                 conn = repo._conn
                 assert conn.slots.value == conn.max_in_flight, "S5-8: a request slot leaked"
