@@ -452,6 +452,43 @@ async def test_a_cancelled_call_keeps_its_slot_until_its_reply() -> None:
         await _assert_idle(conn)
 
 
+async def test_a_connection_lost_with_a_request_lingering_frees_every_slot() -> None:
+    """S5-8, S5-14: a cancelled call lingers in the only slot and B waits for that slot;
+    the server then goes away. The reader (receiving for the lingering request) sees it:
+    the lingering slot comes back, B takes it, finds the connection dead, gives it back
+    and raises `CacheServerError`."""
+    async with (
+        scripted_server(max_in_flight=1) as (path, peer),
+        connect_cache_server(path) as repo,
+    ):
+        conn = _conn(repo)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(repo.get_output, "a", {})
+                await _next_get(peer)
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+        assert repo.statistics().lingering_requests == 1
+        errors: list[BaseException] = []
+
+        async def get_b() -> None:
+            try:
+                await repo.get_output("b", {})
+            except CacheServerError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get_b)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.slots.value == 0
+            assert peer.pending() == 0  # b is waiting for the slot
+            await peer.aclose()
+        assert len(errors) == 1
+        assert repo.statistics().lingering_requests == 0
+        assert conn.slots.value == conn.max_in_flight
+        assert not conn.receiving
+
+
 async def test_an_aborted_download_keeps_its_slot_until_the_server_says_so() -> None:
     """S5-8, S5-19: a download left after one chunk is aborted; its data still on the way
     is read and dropped, and its slot comes back only with the server's `failed` (kind

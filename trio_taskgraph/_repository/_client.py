@@ -457,9 +457,6 @@ class _Connection:
         with nobody else waiting wakes the caller once, not the reader and then the caller.
         Otherwise it parks, and the one receiving wakes it.
         """
-        if self.failure is not None:
-            await trio.lowlevel.checkpoint()
-            return
         if self.receiving:
             request.parked += 1
             self.waiting += 1
