@@ -350,7 +350,14 @@ class _Connection:
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
 
-    async def _reply(self, message: ServerMessage) -> None:
+    async def _reply(self, message: Ok | Failed | Data) -> None:
+        """
+        Send a request's last message: its reply, or a download's end or failure.
+
+        Invariant (S5-8): the request stops counting against max_in_flight first, since
+        the client frees its slot the moment this message arrives.
+        """
+        self.unfinished.discard(message.id)
         try:
             await self.send(message)
         except WireFormatError as exc:
@@ -465,10 +472,6 @@ class _Connection:
         self.unfinished.add(request_id)
         self.idle = trio.Event() if self.idle.is_set() else self.idle
 
-    def _finish(self, request_id: int) -> None:
-        """``request_id``'s last message is about to be sent: it no longer counts (S5-8)."""
-        self.unfinished.discard(request_id)
-
     def _close(self, request_id: int) -> None:
         self.unfinished.discard(request_id)
         self.requests.pop(request_id, None)
@@ -533,8 +536,7 @@ class _Connection:
 
         async def refuse() -> None:
             try:
-                self._finish(request_id)
-                await self.send(failed)
+                await self._reply(failed)
             finally:
                 self._close(request_id)
 
@@ -608,10 +610,9 @@ class _Connection:
         try:
             try:
                 value = await self._perform(message)
-                reply: ServerMessage = Ok(id=request_id, value=value)
+                reply: Ok | Failed = Ok(id=request_id, value=value)
             except Exception as exc:
                 reply = Failed(id=request_id, kind=error_kind(exc), message=str(exc))
-            self._finish(request_id)
             await self._reply(reply)
         finally:
             self._close(request_id)
@@ -671,7 +672,7 @@ class _Connection:
         raise AssertionError(f"unhandled {type(message).__name__}")  # pragma: no cover
 
     async def _run_upload(self, upload: _Upload, message: SaveStream) -> None:
-        reply: ServerMessage | None = None
+        reply: Ok | Failed | None = None
         try:
             with upload.scope:
                 try:
@@ -698,11 +699,10 @@ class _Connection:
             # Aborted: say so, so a client that aborted after its last chunk learns that
             # nothing was published (S5-10).
             reply = Failed(id=upload.id, kind="aborted", message="the upload was aborted")
-        self._finish(upload.id)
         await self._reply(reply)
 
     async def _run_download(self, download: _Download, message: ReadStream) -> None:
-        reply: ServerMessage | None = None
+        reply: Data | Failed | None = None
         try:
             with download.scope:
                 try:
@@ -720,8 +720,7 @@ class _Connection:
                 # Aborted (only an abort cancels this scope): say so after the last data
                 # frame, so the client knows nothing more comes for it (S5-8, S5-19).
                 reply = Failed(id=download.id, kind="aborted", message="the download was aborted")
-            self._finish(download.id)
-            await self.send(reply)
+            await self._reply(reply)
         finally:
             self._close(download.id)
 
