@@ -148,6 +148,17 @@ async def in_process_server(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+async def next_frame(stream: trio.SocketStream, decoder: FrameDecoder) -> object:
+    """The next whole frame from ``stream``, or `CLOSED` once the peer closed or broke it."""
+    while (frame := decoder.next_frame()) is NEED_DATA:
+        try:
+            data = await stream.receive_some(1 << 20)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        decoder.receive_data(data)
+    return frame
+
+
 class RawClient:
     """The protocol by hand: send any bytes, read whatever frames come back."""
 
@@ -179,18 +190,8 @@ class RawClient:
 
     async def receive(self) -> ServerMessage | None:
         """The next message, or None once the server closed the connection."""
-        while True:
-            frame = self.decoder.next_frame()
-            if frame is CLOSED:
-                return None
-            if frame is NEED_DATA:
-                try:
-                    data = await self.stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    data = b""
-                self.decoder.receive_data(data)
-                continue
-            return decode_server(frame)
+        frame = await next_frame(self.stream, self.decoder)
+        return None if frame is CLOSED else decode_server(frame)
 
     async def receive_until_closed(self) -> list[ServerMessage]:
         out = []
@@ -216,18 +217,8 @@ class ScriptedPeer:
 
     async def receive(self) -> ClientMessage | None:
         """The client's next message, or None once it closed the connection."""
-        while True:
-            frame = self.decoder.next_frame()
-            if frame is CLOSED:
-                return None
-            if frame is NEED_DATA:
-                try:
-                    data = await self._stream().receive_some(1 << 20)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                self.decoder.receive_data(data)
-                continue
-            return decode_client(frame)
+        frame = await next_frame(self._stream(), self.decoder)
+        return None if frame is CLOSED else decode_client(frame)
 
     def pending(self) -> int:
         """Bytes the client sent that the test has not read yet (FIONREAD, and decoded)."""
