@@ -9,6 +9,7 @@ the test, not by timing.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -79,6 +80,33 @@ async def _next_get(peer: ScriptedPeer) -> GetOutput:
     return message
 
 
+@attrs.define
+class Callers:
+    """Gets of rows named by their task type, each in a task of its own: ``outcomes``
+    holds what each returned, or the `CacheServerError` it raised."""
+
+    repo: CacheServerRepository
+    outcomes: dict[str, object] = attrs.Factory(dict)
+
+    async def get(self, name: str, scope: trio.CancelScope | None = None) -> None:
+        with scope if scope is not None else contextlib.nullcontext():
+            try:
+                self.outcomes[name] = await self.repo.get_output(name, {})
+            except CacheServerError as exc:
+                self.outcomes[name] = exc
+
+    async def start(
+        self,
+        nursery: trio.Nursery,
+        peer: ScriptedPeer,
+        name: str,
+        scope: trio.CancelScope | None = None,
+    ) -> GetOutput:
+        """Start a get of ``name``; return its request once the server has read it."""
+        nursery.start_soon(self.get, name, scope)
+        return await _next_get(peer)
+
+
 async def test_a_lone_round_trip_is_received_by_its_caller(tmp_path: Path) -> None:
     """S5-19: sequential gets against a real server never wake the reader task: each
     caller reads its own reply (one wake-up per round trip, not two)."""
@@ -104,16 +132,10 @@ async def test_a_receiving_caller_hands_other_callers_their_replies() -> None:
     """S5-19, S5-8: A receives while B is parked behind it; replies for both come in one
     write, A's first: A dispatches B's too before it returns (the reader never runs)."""
     async with scripted_server() as (path, peer), connect_cache_server(path) as repo:
-        results: dict[str, object] = {}
-
-        async def get(name: str) -> None:
-            results[name] = await repo.get_output(name, {})
-
+        callers = Callers(repo)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(get, "a")
-            first = await _next_get(peer)
-            nursery.start_soon(get, "b")
-            second = await _next_get(peer)
+            first = await callers.start(nursery, peer, "a")
+            second = await callers.start(nursery, peer, "b")
             await trio.testing.wait_all_tasks_blocked()
             conn = _conn(repo)
             assert conn.receiving
@@ -125,7 +147,7 @@ async def test_a_receiving_caller_hands_other_callers_their_replies() -> None:
                 Ok(id=second.id, value={"who": second.task_type}),
             )
         trio.lowlevel.remove_instrument(counter)
-        assert results == {"a": {"who": "a"}, "b": {"who": "b"}}
+        assert callers.outcomes == {"a": {"who": "a"}, "b": {"who": "b"}}
         assert counter.steps.get(READER, 0) == 0
         await _assert_idle(conn)
 
@@ -133,22 +155,16 @@ async def test_a_receiving_caller_hands_other_callers_their_replies() -> None:
 async def test_replies_for_a_parked_caller_first_are_dispatched_by_the_receiving_one() -> None:
     """S5-19: B's reply arrives before A's: A (receiving) wakes B and goes on for its own."""
     async with scripted_server() as (path, peer), connect_cache_server(path) as repo:
-        results: dict[str, object] = {}
-
-        async def get(name: str) -> None:
-            results[name] = await repo.get_output(name, {})
-
+        callers = Callers(repo)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(get, "a")
-            first = await _next_get(peer)
-            nursery.start_soon(get, "b")
-            second = await _next_get(peer)
+            first = await callers.start(nursery, peer, "a")
+            second = await callers.start(nursery, peer, "b")
             await peer.send(Ok(id=second.id, value={"who": "b"}))
             await trio.testing.wait_all_tasks_blocked()
-            assert results == {"b": {"who": "b"}}
+            assert callers.outcomes == {"b": {"who": "b"}}
             assert _conn(repo).receiving  # a still receives for itself
             await peer.send(Ok(id=first.id, value={"who": "a"}))
-        assert results == {"a": {"who": "a"}, "b": {"who": "b"}}
+        assert callers.outcomes == {"a": {"who": "a"}, "b": {"who": "b"}}
         await _assert_idle(_conn(repo))
 
 
@@ -162,21 +178,11 @@ async def test_a_cancelled_receiving_caller_hands_receiving_to_the_reader(
     left buffered and the connection keeps working."""
     async with scripted_server() as (path, peer), connect_cache_server(path) as repo:
         conn = _conn(repo)
-        results: dict[str, object] = {}
+        callers = Callers(repo)
         a_scope = trio.CancelScope()
-
-        async def get_a() -> None:
-            with a_scope:
-                results["a"] = await repo.get_output("a", {})
-
-        async def get_b() -> None:
-            results["b"] = await repo.get_output("b", {})
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(get_a)
-            first = await _next_get(peer)
-            nursery.start_soon(get_b)
-            second = await _next_get(peer)
+            first = await callers.start(nursery, peer, "a", a_scope)
+            second = await callers.start(nursery, peer, "b")
             b_reply = encode_message(Ok(id=second.id, value={"who": "b"}))
             if partial_frame:
                 await peer.send_raw(b_reply[:7])
@@ -185,20 +191,19 @@ async def test_a_cancelled_receiving_caller_hands_receiving_to_the_reader(
             assert conn.waiting == 1
             a_scope.cancel()
             await trio.testing.wait_all_tasks_blocked()
-            assert "a" not in results
+            assert "a" not in callers.outcomes
             assert a_scope.cancelled_caught
             # The reader now receives for b.
             assert conn.receiving
             assert conn.waiting == 1
             await peer.send_raw(b_reply[7:] if partial_frame else b_reply)
             await peer.send(Ok(id=first.id, value={"who": "a, too late"}))
-        assert results == {"b": {"who": "b"}}
+        assert callers.outcomes == {"b": {"who": "b"}}
         # The late reply is read (by the next receiver) and dropped; the connection works.
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(get_b)
-            third = await _next_get(peer)
+            third = await callers.start(nursery, peer, "b")
             await peer.send(Ok(id=third.id, value={"who": "b again"}))
-        assert results["b"] == {"who": "b again"}
+        assert callers.outcomes["b"] == {"who": "b again"}
         await _assert_idle(conn)
 
 
@@ -235,23 +240,17 @@ async def test_the_server_closing_while_a_caller_receives_fails_every_caller() -
     """S5-19, S5-14: the receiving caller sees the end of the connection: it and the
     caller parked behind it raise `CacheServerError`, and so does every later call."""
     async with scripted_server() as (path, peer), connect_cache_server(path) as repo:
-        errors: list[BaseException] = []
-
-        async def get(name: str) -> None:
-            with pytest.raises(CacheServerError) as info:
-                await repo.get_output(name, {})
-            errors.append(info.value)
-
+        callers = Callers(repo)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(get, "a")
-            await _next_get(peer)
-            nursery.start_soon(get, "b")
-            await _next_get(peer)
+            await callers.start(nursery, peer, "a")
+            await callers.start(nursery, peer, "b")
             await trio.testing.wait_all_tasks_blocked()
             await peer.send(Failed(id=-1, kind="protocol", message="going away"))
             await peer.aclose()
-        assert len(errors) == 2
-        assert all("going away" in str(e) for e in errors)
+        assert set(callers.outcomes) == {"a", "b"}
+        for error in callers.outcomes.values():
+            assert isinstance(error, CacheServerError)
+            assert "going away" in str(error)
         with pytest.raises(CacheServerError, match="going away"):
             await repo.get_output("c", {})
         conn = _conn(repo)
@@ -384,25 +383,18 @@ async def test_a_failure_found_by_a_send_wakes_the_caller_receiving_for_itself()
     send finds the connection broken (the server stopped reading): A raises
     `CacheServerError` at once instead of waiting on a socket nobody will speak on."""
     async with scripted_server() as (path, peer), connect_cache_server(path) as repo:
-        errors: dict[str, BaseException] = {}
-
-        async def get(name: str) -> None:
-            try:
-                await repo.get_output(name, {})
-            except CacheServerError as exc:
-                errors[name] = exc
-
+        callers = Callers(repo)
         # (a bound, not a wait: without the fix, a waits on the socket for good)
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(get, "a")
-                await _next_get(peer)
+                await callers.start(nursery, peer, "a")
                 await trio.testing.wait_all_tasks_blocked()
                 assert _conn(repo).receiving  # a, for itself
                 peer._stream().socket.shutdown(socket.SHUT_RD)  # our sends now break
-                nursery.start_soon(get, "b")
-        assert set(errors) == {"a", "b"}
-        assert "broke" in str(errors["a"])
+                nursery.start_soon(callers.get, "b")
+        assert set(callers.outcomes) == {"a", "b"}
+        assert all(isinstance(e, CacheServerError) for e in callers.outcomes.values())
+        assert "broke" in str(callers.outcomes["a"])
         await _assert_idle(_conn(repo))
 
 
@@ -427,28 +419,23 @@ async def test_a_cancelled_call_keeps_its_slot_until_its_reply() -> None:
         connect_cache_server(path) as repo,
     ):
         conn = _conn(repo)
-        results: dict[str, object] = {}
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(repo.get_output, "a", {})
-                first = await _next_get(peer)
-                await trio.testing.wait_all_tasks_blocked()
-                scope.cancel()
+        callers = Callers(repo)
+        a_scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            first = await callers.start(nursery, peer, "a", a_scope)
+            await trio.testing.wait_all_tasks_blocked()
+            a_scope.cancel()
         assert repo.statistics().requests == 0
         assert repo.statistics().lingering_requests == 1
-
-        async def get_b() -> None:
-            results["b"] = await repo.get_output("b", {})
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(get_b)
+            nursery.start_soon(callers.get, "b")
             await trio.testing.wait_all_tasks_blocked()
             assert peer.pending() == 0  # b waits for the slot: nothing sent
             await peer.send(Ok(id=first.id, value={"late": True}))
             second = await _next_get(peer)
             assert second.task_type == "b"
             await peer.send(Ok(id=second.id, value={"who": "b"}))
-        assert results == {"b": {"who": "b"}}
+        assert callers.outcomes == {"b": {"who": "b"}}
         await _assert_idle(conn)
 
 
@@ -462,28 +449,21 @@ async def test_a_connection_lost_with_a_request_lingering_frees_every_slot() -> 
         connect_cache_server(path) as repo,
     ):
         conn = _conn(repo)
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(repo.get_output, "a", {})
-                await _next_get(peer)
-                await trio.testing.wait_all_tasks_blocked()
-                scope.cancel()
-        assert repo.statistics().lingering_requests == 1
-        errors: list[BaseException] = []
-
-        async def get_b() -> None:
-            try:
-                await repo.get_output("b", {})
-            except CacheServerError as exc:
-                errors.append(exc)
-
+        callers = Callers(repo)
+        a_scope = trio.CancelScope()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(get_b)
+            await callers.start(nursery, peer, "a", a_scope)
+            await trio.testing.wait_all_tasks_blocked()
+            a_scope.cancel()
+        assert repo.statistics().lingering_requests == 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(callers.get, "b")
             await trio.testing.wait_all_tasks_blocked()
             assert conn.slots.value == 0
             assert peer.pending() == 0  # b is waiting for the slot
             await peer.aclose()
-        assert len(errors) == 1
+        assert set(callers.outcomes) == {"b"}
+        assert isinstance(callers.outcomes["b"], CacheServerError)
         assert repo.statistics().lingering_requests == 0
         assert conn.slots.value == conn.max_in_flight
         assert not conn.receiving
@@ -519,13 +499,9 @@ async def test_an_aborted_download_keeps_its_slot_until_the_server_says_so() -> 
         # The credit for the chunk taken (S5-9), then the abort.
         assert sent == [Credit(id=message.id, n=100), Abort(id=message.id)]
         assert repo.statistics().lingering_requests == 1
-        results: dict[str, object] = {}
-
-        async def get_b() -> None:
-            results["b"] = await repo.get_output("b", {})
-
+        callers = Callers(repo)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(get_b)
+            nursery.start_soon(callers.get, "b")
             # Data sent before the server saw the abort, then its last word.
             await peer.send(Data(id=message.id, data=b"2" * 100))
             await trio.testing.wait_all_tasks_blocked()
@@ -534,7 +510,7 @@ async def test_an_aborted_download_keeps_its_slot_until_the_server_says_so() -> 
             await peer.send(Failed(id=message.id, kind="aborted", message="aborted"))
             second = await _next_get(peer)
             await peer.send(Ok(id=second.id, value=None))
-        assert results == {"b": None}
+        assert callers.outcomes == {"b": None}
         await _assert_idle(conn)
 
 
