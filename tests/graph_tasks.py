@@ -1,5 +1,5 @@
 """
-Graph tasks shared by the runner's cancellation suites (`test_runner_cancellation.py`,
+Graph tasks shared by the runner's suites (`test_runner.py`, `test_runner_cancellation.py`,
 `test_torture_campaign.py`): pass-through and fan-in of streamed binary inputs.
 """
 

@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 import trio_taskgraph as tg
+from tests.graph_tasks import Relay
 from trio_taskgraph import BytesLike, wire
 
 KIB = 1024
@@ -87,28 +88,6 @@ class Image(tg.Task):
             yield tg.Finish({"image": inputs["explicit"]})
 
 
-class PassThrough(tg.Task):
-    """binary -> binary pass-through: reads chunks as they are produced."""
-
-    type = "test_runner.PassThrough"
-    input_schema: ClassVar[Mapping[str, object]] = {
-        "properties": {"data": {"x-stream": "binary"}},
-        "required": ["data"],
-    }
-    output_schema: ClassVar[Mapping[str, object]] = {
-        "properties": {"data": {"x-stream": "binary", "format": "binary"}}
-    }
-    cacheable = True
-
-    async def execute_stream(
-        self, inputs: Mapping[str, object], ctx: tg.TaskContext
-    ) -> AsyncIterator[tg.StreamEvent]:
-        stream = inputs["data"]
-        assert isinstance(stream, tg.BinaryInputStream)
-        async for chunk in stream:
-            yield tg.BinaryDelta("data", chunk)
-
-
 class Measure(tg.Task):
     """A materialising consumer: gets the whole value."""
 
@@ -149,6 +128,17 @@ class Count(tg.Task):
             size += len(chunk)
             joined += chunk
         return {"size": size, "md": bytes(joined)}
+
+
+def into_count(
+    source: tg.Task, inputs: Mapping[str, object], port: str = "data"
+) -> tuple[tg.TaskGraph, str, str]:
+    """A graph of ``source`` streaming its ``port`` into a `Count`: the graph and both ids."""
+    graph = tg.TaskGraph()
+    s = graph.add(source, inputs=inputs)
+    c = graph.add(Count())
+    graph.connect(s, port, c, "data")
+    return graph, s, c
 
 
 class SlowStats(tg.Task):
@@ -379,7 +369,7 @@ async def test_chain_streams_under_budget(monkeypatch: pytest.MonkeyPatch, tmp_p
     try:
         graph = tg.TaskGraph()
         p = graph.add(Produce(), inputs={"size": 16 * MIB, "chunk": 64 * KIB})
-        t = graph.add(PassThrough())
+        t = graph.add(Relay())
         graph.connect(p, "data", t, "data")
         budget = 256 * KIB
         config = tg.RunConfig(cache=repo, binary_high_water_bytes=budget)
@@ -400,10 +390,7 @@ async def test_chain_streams_under_budget(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 async def test_execute_result_streams_to_a_streaming_consumer() -> None:
     """S6-41: an explicit binary value (an execute result) reaches stream edges as chunks."""
-    graph = tg.TaskGraph()
-    r = graph.add(Returns(), inputs={"size": 200_000})
-    c = graph.add(Count())
-    graph.connect(r, "data", c, "data")
+    graph, _, c = into_count(Returns(), {"size": 200_000})
     outs = await tg.run_graph(graph, config=tg.RunConfig(binary_high_water_bytes=4096))
     assert outs[c]["size"] == 200_000
 
@@ -418,11 +405,7 @@ async def test_cache_hit_skips_execution_and_replays_under_budget() -> None:
     config = tg.RunConfig(cache=repo, binary_high_water_bytes=10_000)
 
     def build() -> tg.TaskGraph:
-        graph = tg.TaskGraph()
-        p = graph.add(Produce(), inputs={"size": 500_000})
-        c = graph.add(Count())
-        graph.connect(p, "data", c, "data")
-        return graph
+        return into_count(Produce(), {"size": 500_000})[0]
 
     graph = build()
     Produce.runs = 0
@@ -679,7 +662,7 @@ async def test_three_tasks_produce_transform_cache_sink_with_a_4_mib_budget(
             graph = tg.TaskGraph()
             p = graph.add(Unkeyed(), inputs={"size": size})
             x = graph.add(Transform())
-            t = graph.add(PassThrough())
+            t = graph.add(Relay())
             graph.connect(p, "data", x, "data")
             graph.connect(x, "data", t, "data")
             outs = await tg.run_graph(
@@ -715,7 +698,7 @@ async def test_keyed_stream_source_makes_the_consumer_hit() -> None:
     def build() -> tuple[tg.TaskGraph, str]:
         graph = tg.TaskGraph()
         p = graph.add(Produce(), inputs={"size": 70_000})
-        t = graph.add(PassThrough())
+        t = graph.add(Relay())
         graph.connect(p, "data", t, "data")
         return graph, t
 
@@ -893,15 +876,15 @@ async def test_a_value_at_a_streamed_input_arrives_as_a_stream() -> None:
     repo = tg.MemoryOutputRepository()
     config = tg.RunConfig(cache=repo, reference_threshold_bytes=0, binary_high_water_bytes=1000)
     data = bytes(range(256)) * 20
-    out = await tg.run_task(PassThrough(), {"data": data}, config=config)
+    out = await tg.run_task(Relay(), {"data": data}, config=config)
     ref = out["data"]
     assert isinstance(ref, tg.CacheRef)
     assert await repo.get_output_by_ref(ref) == data
     events: list[tg.RunEvent] = []
-    again = await tg.run_task(PassThrough(), {"data": data}, config=config, on_event=events.append)
+    again = await tg.run_task(Relay(), {"data": data}, config=config, on_event=events.append)
     assert again == out
     assert tg.TaskStatus(state="cached") in [e.event for e in events]
-    blob = await tg.run_task(PassThrough(), {"data": tg.Blob(data)}, config=config)
+    blob = await tg.run_task(Relay(), {"data": tg.Blob(data)}, config=config)
     blob_ref = blob["data"]
     assert isinstance(blob_ref, tg.CacheRef)
     assert await repo.get_output_by_ref(blob_ref) == data
@@ -957,10 +940,7 @@ async def test_an_explicit_ref_replays_to_streaming_consumers() -> None:
         yield b"q" * 5000
 
     HandsARef.refs["a"] = await repo.save_output_stream("x", {}, "p", chunks())
-    graph = tg.TaskGraph()
-    h = graph.add(HandsARef(), inputs={"ref": "a"})
-    c = graph.add(Count())
-    graph.connect(h, "data", c, "data")
+    graph, h, c = into_count(HandsARef(), {"ref": "a"})
     outs = await tg.run_graph(graph, config=tg.RunConfig(cache=repo, binary_high_water_bytes=700))
     assert outs[c] == {"size": 5000, "md": b"q" * 5000}
     assert outs[h]["data"] == b"q" * 5000  # below the threshold: hydrated (S6-19)
@@ -980,10 +960,7 @@ async def test_hit_with_inline_values_and_no_streaming_reads_replays_to_consumer
     config = tg.RunConfig(cache=repo, binary_high_water_bytes=1000)
 
     def build() -> tuple[tg.TaskGraph, str]:
-        graph = tg.TaskGraph()
-        p = graph.add(Produce(), inputs={"size": 4500, "chunk": 1000})
-        c = graph.add(Count())
-        graph.connect(p, "data", c, "data")
+        graph, _, c = into_count(Produce(), {"size": 4500, "chunk": 1000})
         return graph, c
 
     graph, c = build()
@@ -1006,10 +983,7 @@ async def test_hit_replays_an_inline_blob_to_consumers() -> None:
     parts = [b"\x89PNG", b"z" * 2500]
 
     def build() -> tuple[tg.TaskGraph, str]:
-        graph = tg.TaskGraph()
-        i = graph.add(Image(), inputs={"parts": parts})
-        c = graph.add(Count())
-        graph.connect(i, "image", c, "data")
+        graph, _, c = into_count(Image(), {"parts": parts}, "image")
         return graph, c
 
     graph, c = build()
@@ -1047,10 +1021,7 @@ async def test_hit_replays_a_ref_read_whole_when_the_cache_cannot_stream_reads()
     config = tg.RunConfig(cache=repo, binary_high_water_bytes=1000, reference_threshold_bytes=0)
 
     def build() -> tuple[tg.TaskGraph, str]:
-        graph = tg.TaskGraph()
-        p = graph.add(Produce(), inputs={"size": 2100, "chunk": 700})
-        c = graph.add(Count())
-        graph.connect(p, "data", c, "data")
+        graph, _, c = into_count(Produce(), {"size": 2100, "chunk": 700})
         return graph, c
 
     graph, c = build()
@@ -1094,10 +1065,8 @@ async def test_a_task_reporting_stream_error_fails_with_its_error_chained() -> N
 async def test_explicit_blob_with_no_chunks_is_replayed_to_stream_consumers() -> None:
     """S6-6, S6-24: a Finish value at a port that streamed nothing reaches its streaming
     consumers, as the Blob's bytes in budget-sized chunks."""
-    graph = tg.TaskGraph()
-    i = graph.add(Image(), inputs={"parts": [], "explicit": tg.Blob(b"e" * 2500, "image/png")})
-    c = graph.add(Count())
-    graph.connect(i, "image", c, "data")
+    explicit = tg.Blob(b"e" * 2500, "image/png")
+    graph, i, c = into_count(Image(), {"parts": [], "explicit": explicit}, "image")
     outs = await tg.run_graph(graph, config=tg.RunConfig(binary_high_water_bytes=1000))
     assert outs[c] == {"size": 2500, "md": b"e" * 2500}
     assert outs[i]["image"] == tg.Blob(b"e" * 2500, "image/png")
