@@ -106,6 +106,19 @@ class Callers:
         nursery.start_soon(self.get, name, scope)
         return await _next_get(peer)
 
+    async def leave_lingering(self, peer: ScriptedPeer, name: str) -> GetOutput:
+        """A get of ``name`` whose caller is cancelled once the server has it: it lingers
+        (S5-8). Returns its request."""
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            request = await self.start(nursery, peer, name, scope)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+        assert name not in self.outcomes
+        assert self.repo.statistics().requests == 0
+        assert self.repo.statistics().lingering_requests == 1
+        return request
+
 
 async def test_a_lone_round_trip_is_received_by_its_caller(tmp_path: Path) -> None:
     """S5-19: sequential gets against a real server never wake the reader task: each
@@ -420,13 +433,7 @@ async def test_a_cancelled_call_keeps_its_slot_until_its_reply() -> None:
     ):
         conn = _conn(repo)
         callers = Callers(repo)
-        a_scope = trio.CancelScope()
-        async with trio.open_nursery() as nursery:
-            first = await callers.start(nursery, peer, "a", a_scope)
-            await trio.testing.wait_all_tasks_blocked()
-            a_scope.cancel()
-        assert repo.statistics().requests == 0
-        assert repo.statistics().lingering_requests == 1
+        first = await callers.leave_lingering(peer, "a")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(callers.get, "b")
             await trio.testing.wait_all_tasks_blocked()
@@ -450,12 +457,7 @@ async def test_a_connection_lost_with_a_request_lingering_frees_every_slot() -> 
     ):
         conn = _conn(repo)
         callers = Callers(repo)
-        a_scope = trio.CancelScope()
-        async with trio.open_nursery() as nursery:
-            await callers.start(nursery, peer, "a", a_scope)
-            await trio.testing.wait_all_tasks_blocked()
-            a_scope.cancel()
-        assert repo.statistics().lingering_requests == 1
+        await callers.leave_lingering(peer, "a")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(callers.get, "b")
             await trio.testing.wait_all_tasks_blocked()
